@@ -1,0 +1,198 @@
+r"""Training-time guidance: classifier-free guidance baked into the regression target.
+
+With condition ``c`` and the null condition :math:`\varnothing`,
+
+.. math::
+    \tilde v = \omega\,v + \kappa\,u_\theta(z_t, t, t \mid c)
+        + (1 - \omega - \kappa)\,u_\theta(z_t, t, t \mid \varnothing),
+
+both network terms without gradient (through the ``target_model``). The effective guidance scale is
+:math:`\omega' = \omega / (1 - \kappa)`; sampling then uses scale 1. :math:`\tilde v = v` on rows whose
+condition was dropped and on rows with ``t`` outside ``interval``. :math:`\tilde v` replaces ``v``
+everywhere: in the target and as the JVP tangent.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from meanflow_losses._validate import check_model_output, select_rows, where_rows
+
+__all__ = ["GuidanceResult", "TrainingGuidance", "apply_guidance"]
+
+NullCondition = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class TrainingGuidance:
+    r"""Options of training-time guidance and condition dropout.
+
+    Args:
+        omega: Weight of the conditional velocity ``v`` (or ``v_target``).
+        kappa: Weight of the network's conditional velocity.
+        interval: ``(t_min, t_max)``; guidance applies only where ``t_min <= t <= t_max``.
+        drop_prob: Probability of replacing a row's condition by the null condition (classifier-free
+            training). Dropped rows get :math:`\tilde v = v`.
+        null_condition: ``model_kwargs -> model_kwargs`` giving the null condition for the whole batch, for
+            example ``lambda kw: {**kw, "y": torch.full_like(kw["y"], num_classes)}``.
+        drop_only_in_interval: If true, conditions are dropped only on rows inside ``interval``
+            (official alpha-Flow code); otherwise on any row (official MeanFlow code).
+    """
+
+    omega: float = 1.0
+    kappa: float = 0.0
+    interval: tuple[float, float] = (0.0, 1.0)
+    drop_prob: float = 0.1
+    null_condition: NullCondition | None = None
+    drop_only_in_interval: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("omega", "kappa"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"guidance.{name} must be finite, got {getattr(self, name)}")
+        if self.kappa >= 1:
+            raise ValueError(f"guidance.kappa must be < 1 (effective scale omega / (1 - kappa)), got {self.kappa}")
+        lo, hi = self.interval
+        if not (0.0 <= lo <= hi <= 1.0):
+            raise ValueError(f"guidance.interval must satisfy 0 <= t_min <= t_max <= 1, got {self.interval}")
+        if not (0.0 <= self.drop_prob < 1.0):
+            raise ValueError(f"guidance.drop_prob must lie in [0, 1), got {self.drop_prob}")
+        if self.null_condition is None and (self.drop_prob > 0 or self.uncond_weight != 0):
+            raise ValueError(
+                "guidance.null_condition is required when drop_prob > 0 or omega + kappa != 1 "
+                "(it maps model_kwargs to the null condition, e.g. the class index num_classes)"
+            )
+
+    @property
+    def uncond_weight(self) -> float:
+        r"""Weight :math:`1 - \omega - \kappa` of the unconditional network velocity."""
+        return 1.0 - self.omega - self.kappa
+
+    @property
+    def effective_scale(self) -> float:
+        r"""Effective classifier-free guidance scale :math:`\omega / (1 - \kappa)`."""
+        return self.omega / (1.0 - self.kappa)
+
+    def in_interval(self, t: Tensor) -> Tensor:
+        """Boolean mask of rows whose ``t`` lies in ``interval``, shape ``(B,)``."""
+        lo, hi = self.interval
+        return (t >= lo) & (t <= hi)
+
+
+@dataclass
+class GuidanceResult:
+    """What guidance hands to an objective.
+
+    Attributes:
+        v_tilde: Guided velocity, shape ``(B, *D)``, no gradient.
+        model_kwargs: Conditioning with dropped rows set to the null condition.
+        drop_mask: Rows whose condition was dropped, shape ``(B,)``.
+        guided_mask: Rows where the guided target differs from ``v`` (in interval, not dropped), ``(B,)``.
+    """
+
+    v_tilde: Tensor
+    model_kwargs: dict[str, Any]
+    drop_mask: Tensor
+    guided_mask: Tensor
+
+
+def _cat_kwargs(a: Mapping[str, Any], b: Mapping[str, Any], n: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, va in a.items():
+        vb = b[k]
+        if isinstance(va, Tensor) and va.ndim > 0 and va.shape[0] == n:
+            out[k] = torch.cat([va, vb.to(va.dtype)], dim=0)
+        else:
+            out[k] = va
+    return out
+
+
+def apply_guidance(
+    guidance: TrainingGuidance | None,
+    target_model: Callable[..., Tensor],
+    z_t: Tensor,
+    t: Tensor,
+    v: Tensor,
+    model_kwargs: dict[str, Any],
+    *,
+    drop_mask: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> GuidanceResult:
+    r"""Drop conditions and compute the guided velocity :math:`\tilde v`.
+
+    Args:
+        guidance: Options, or ``None`` for no guidance and no dropout.
+        target_model: Network used without gradient, ``model(z, r, t, **kw)``.
+        z_t: Noisy inputs, shape ``(B, *D)``.
+        t: Times, shape ``(B,)``.
+        v: Conditional velocity (or ``v_target``), shape ``(B, *D)``.
+        model_kwargs: Conditioning.
+        drop_mask: Optional explicit dropout rows, bool ``(B,)``; drawn with ``generator`` when omitted.
+        generator: Random generator for the dropout draw.
+
+    Returns:
+        :class:`GuidanceResult`.
+    """
+    batch = z_t.shape[0]
+    if drop_mask is not None:
+        if not isinstance(drop_mask, Tensor) or drop_mask.dtype != torch.bool or tuple(drop_mask.shape) != (batch,):
+            raise ValueError(f"drop_mask must be a bool tensor of shape ({batch},)")
+        drop_mask = drop_mask.to(z_t.device)
+    if guidance is None:
+        if drop_mask is not None and bool(drop_mask.any()):
+            raise ValueError("drop_mask was given but guidance is None: there is no null condition to drop to")
+        none = torch.zeros(batch, dtype=torch.bool, device=z_t.device)
+        return GuidanceResult(v.detach(), model_kwargs, none, none)
+
+    in_iv = guidance.in_interval(t)
+    if drop_mask is None:
+        dev = generator.device if generator is not None else z_t.device
+        drop_mask = (torch.rand(batch, generator=generator, device=dev) < guidance.drop_prob).to(z_t.device)
+        if guidance.drop_only_in_interval:
+            drop_mask = drop_mask & in_iv
+    kwargs = model_kwargs
+    null_kwargs: dict[str, Any] | None = None
+    if guidance.null_condition is not None:
+        null_kwargs = guidance.null_condition(dict(model_kwargs))
+        if not isinstance(null_kwargs, Mapping):
+            raise TypeError("guidance.null_condition must return a dict of model keyword arguments")
+        null_kwargs = dict(null_kwargs)
+        if bool(drop_mask.any()):
+            kwargs = where_rows(drop_mask, null_kwargs, model_kwargs, batch)
+
+    guided = in_iv & ~drop_mask
+    v_tilde = v.detach()
+    w_c, w_u = guidance.kappa, guidance.uncond_weight
+    if bool(guided.any()) and (w_c != 0 or w_u != 0 or guidance.omega != 1):
+        idx = guided.nonzero().squeeze(1)
+        n = idx.numel()
+        z_g, t_g = z_t.detach().index_select(0, idx), t.index_select(0, idx)
+        cond_g = select_rows(model_kwargs, idx, batch)
+        with torch.no_grad():
+            if w_c != 0 and w_u != 0:
+                assert null_kwargs is not None
+                null_g = select_rows(null_kwargs, idx, batch)
+                z2, t2 = torch.cat([z_g, z_g]), torch.cat([t_g, t_g])
+                out = target_model(z2, t2, t2, **_cat_kwargs(cond_g, null_g, n))
+                out = check_model_output(out, z2, who="target_model")
+                u_c, u_u = out[:n], out[n:]
+            elif w_c != 0:
+                u_c = check_model_output(target_model(z_g, t_g, t_g, **cond_g), z_g, who="target_model")
+                u_u = torch.zeros_like(u_c)
+            elif w_u != 0:
+                assert null_kwargs is not None
+                null_g = select_rows(null_kwargs, idx, batch)
+                u_u = check_model_output(target_model(z_g, t_g, t_g, **null_g), z_g, who="target_model")
+                u_c = torch.zeros_like(u_u)
+            else:
+                u_c = u_u = torch.zeros_like(z_g)
+            v_g = v.detach().index_select(0, idx)
+            new = guidance.omega * v_g + w_c * u_c.to(v.dtype) + w_u * u_u.to(v.dtype)
+            v_tilde = v_tilde.index_copy(0, idx, new)
+    return GuidanceResult(v_tilde, kwargs, drop_mask, guided)

@@ -1,0 +1,156 @@
+"""What every objective shares: the typed result and the preparation of one batch.
+
+Every random draw (``t``, ``r``, ``noise``) can be passed in explicitly; whatever is omitted is drawn with
+the optional ``torch.Generator``. Everything is validated here, once, with errors that name the argument.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from meanflow_losses._validate import (
+    check_batch,
+    check_model_kwargs,
+    check_r_le_t,
+    check_same_shape,
+    check_times,
+)
+from meanflow_losses.adapters import check_protocol
+from meanflow_losses.conventions import conditional_velocity, interpolate
+from meanflow_losses.times import TimePairSampler, TimeSampler
+
+__all__ = ["Batch", "LossOutput", "PerRowWeight", "prepare_batch"]
+
+#: A per-row weight strategy: ``(t, r, step) -> (B,)`` multiplier (for example Min-SNR or the progressive
+#: interval weight of Kim et al.).
+PerRowWeight = Callable[[Tensor, Tensor, "int | None"], Tensor]
+
+
+@dataclass
+class LossOutput:
+    """Typed result of every objective.
+
+    Attributes:
+        loss: Scalar, differentiable: the batch mean of ``per_sample``.
+        per_sample: Weighted per-sample losses, shape ``(B,)``, differentiable.
+        terms: Named detached scalars for logging (0-dim tensors; no host sync is forced).
+        t: The start times used, shape ``(B,)``.
+        r: The end times used, shape ``(B,)``.
+        decomposition: Optional named differentiable scalars (gradient-conflict analysis).
+    """
+
+    loss: Tensor
+    per_sample: Tensor
+    terms: dict[str, Tensor]
+    t: Tensor
+    r: Tensor
+    decomposition: dict[str, Tensor] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Batch:
+    """A validated batch on the linear path.
+
+    Attributes:
+        x: Data, ``(B, *D)``.
+        noise: Noise, ``(B, *D)``.
+        t: Start times, ``(B,)``.
+        r: End times, ``(B,)``, ``r <= t``.
+        z: ``z_t = (1 - t) x + t e``, ``(B, *D)``.
+        v: Target velocity ``e - x`` or the given ``v_target``, ``(B, *D)``.
+        model_kwargs: Conditioning.
+    """
+
+    x: Tensor
+    noise: Tensor
+    t: Tensor
+    r: Tensor
+    z: Tensor
+    v: Tensor
+    model_kwargs: dict[str, Any]
+
+
+def prepare_batch(
+    model: Any,
+    x: Tensor,
+    times: TimeSampler | TimePairSampler,
+    *,
+    model_kwargs: Any = None,
+    t: Tensor | None = None,
+    r: Tensor | None = None,
+    noise: Tensor | None = None,
+    v_target: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    step: int | None = None,
+    pairs: bool = True,
+) -> Batch:
+    """Validate inputs, draw what was not given, and build ``z_t`` and ``v``.
+
+    Args:
+        model: The network (checked against the protocol).
+        x: Data, ``(B, *D)``, finite floating point.
+        times: Sampler for missing times. A :class:`TimeSampler` draws ``t`` only (``r = t``).
+        model_kwargs: Conditioning dict or ``None``.
+        t: Optional start times ``(B,)`` in ``[0, 1]``.
+        r: Optional end times ``(B,)`` in ``[0, t]``; defaults to ``t`` when ``t`` is given and ``pairs`` is
+            false or ``times`` is a single-time sampler.
+        noise: Optional noise ``(B, *D)``.
+        v_target: Optional target velocity ``(B, *D)`` replacing ``e - x``.
+        generator: Random generator for all draws.
+        step: Training step, for scheduled fractions.
+        pairs: Whether the objective uses ``(t, r)`` pairs.
+    """
+    check_protocol(model)
+    x = check_batch("x", x)
+    kw = check_model_kwargs(model_kwargs)
+    batch = x.shape[0]
+    if t is None and r is not None:
+        raise ValueError("r was given without t: pass t as well (r <= t)")
+    if t is None:
+        if isinstance(times, TimePairSampler) and pairs:
+            pair = times.sample(batch, step=step, generator=generator, device=x.device, dtype=x.dtype)
+            t, r = pair.t, pair.r
+        else:
+            base = times.base if isinstance(times, TimePairSampler) else times
+            t = base.sample(batch, generator=generator, device=x.device, dtype=x.dtype)
+            r = t
+    else:
+        t = check_times("t", t, batch).to(device=x.device)
+        if r is None:
+            r = t
+    r = check_times("r", r, batch).to(device=x.device)
+    check_r_le_t(r, t)
+    if noise is None:
+        dev = generator.device if generator is not None else x.device
+        noise = torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
+    else:
+        noise = check_same_shape("noise", noise, "x", x)
+    z = interpolate(x, noise, t)
+    if v_target is None:
+        v = conditional_velocity(x, noise)
+    else:
+        v = check_same_shape("v_target", v_target, "x", x).detach()
+    return Batch(x=x, noise=noise, t=t, r=r, z=z, v=v, model_kwargs=kw)
+
+
+def rows(mask: Tensor) -> Tensor:
+    """Indices of the true entries of a ``(B,)`` mask, shape ``(n,)``."""
+    return mask.nonzero().squeeze(1)
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values[mask]`` (0 when the mask is empty), detached."""
+    values = values.detach()
+    n = mask.sum()
+    return torch.where(n > 0, (values * mask).sum() / n.clamp_min(1), values.new_zeros(()))
+
+
+def upcast(x: Tensor) -> Tensor:
+    """Cast half-precision tensors to float32 for the loss arithmetic; leave float32/float64 alone."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x

@@ -1,0 +1,111 @@
+r"""Flow matching and trajectory flow matching.
+
+.. math::
+    L_{FM} = \mathbb{E}\, w_i\, \| u_\theta(z_t, t, t) - \tilde v \|^2, \qquad
+    L_{TFM} = \mathbb{E}\, w_i\, \| u_\theta(z_t, r, t) - \tilde v \|^2.
+
+With a single-time sampler (or ``r`` omitted) this is plain flow matching (``r = t``); with a
+:class:`~meanflow_losses.times.TimePairSampler` or an explicit ``r`` it is trajectory flow matching, the
+``alpha = 1`` end of the alpha-Flow family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from meanflow_losses._validate import check_model_output
+from meanflow_losses.guidance import TrainingGuidance, apply_guidance
+from meanflow_losses.objectives.base import LossOutput, prepare_batch, upcast
+from meanflow_losses.times import TimePairSampler, TimeSampler
+from meanflow_losses.weighting import AdaptiveWeight, check_reduction, reduce_data_dims
+
+__all__ = ["FlowMatchingLoss"]
+
+
+@dataclass
+class FlowMatchingLoss:
+    """Flow-matching objective on any ``model(z, r, t, **model_kwargs)``.
+
+    Args:
+        times: Time sampler; a :class:`TimePairSampler` makes it trajectory flow matching.
+        weighting: Adaptive weight; ``AdaptiveWeight(p=0.0)`` is plain squared error.
+        reduction: ``"sum"`` or ``"mean"`` over data dimensions.
+        guidance: Optional training-time guidance and condition dropout.
+    """
+
+    times: TimeSampler | TimePairSampler = field(default_factory=lambda: TimeSampler("logit_normal", -0.4, 1.0))
+    weighting: AdaptiveWeight = field(default_factory=lambda: AdaptiveWeight(p=0.0))
+    reduction: str = "mean"
+    guidance: TrainingGuidance | None = None
+
+    def __post_init__(self) -> None:
+        check_reduction(self.reduction)
+        if not isinstance(self.times, (TimeSampler, TimePairSampler)):
+            raise TypeError(f"times must be a TimeSampler or TimePairSampler, got {type(self.times).__name__}")
+
+    def __call__(
+        self,
+        model: Any,
+        x: Tensor,
+        *,
+        model_kwargs: dict[str, Any] | None = None,
+        target_model: Any = None,
+        t: Tensor | None = None,
+        r: Tensor | None = None,
+        noise: Tensor | None = None,
+        v_target: Tensor | None = None,
+        drop_mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        step: int | None = None,
+    ) -> LossOutput:
+        """Compute the loss on a batch.
+
+        Args:
+            model: Network called once with gradient, ``model(z, r, t, **model_kwargs)``.
+            x: Data, shape ``(B, *D)``.
+            model_kwargs: Conditioning (e.g. ``{"y": labels}``).
+            target_model: Module for no-grad passes (guidance); defaults to ``model``. Pass
+                ``ddp_model.module`` when ``model`` is a DDP wrapper.
+            t: Optional times ``(B,)``.
+            r: Optional end times ``(B,)`` (trajectory flow matching).
+            noise: Optional noise ``(B, *D)``.
+            v_target: Optional velocity ``(B, *D)`` replacing ``e - x``.
+            drop_mask: Optional explicit condition-dropout rows, bool ``(B,)``.
+            generator: Random generator for every draw.
+            step: Training step (for scheduled samplers).
+
+        Returns:
+            :class:`LossOutput` with terms ``loss``, ``mse``, ``weight_mean``.
+        """
+        b = prepare_batch(
+            model,
+            x,
+            self.times,
+            model_kwargs=model_kwargs,
+            t=t,
+            r=r,
+            noise=noise,
+            v_target=v_target,
+            generator=generator,
+            step=step,
+        )
+        tm = model if target_model is None else target_model
+        g = apply_guidance(self.guidance, tm, b.z, b.t, b.v, b.model_kwargs, drop_mask=drop_mask, generator=generator)
+        u = check_model_output(model(b.z, b.r, b.t, **g.model_kwargs), b.z)
+        sq = reduce_data_dims(upcast(u - g.v_tilde.to(u.dtype)).square(), self.reduction)
+        w = self.weighting(sq)
+        per_sample = w * sq
+        loss = per_sample.mean()
+        terms = {
+            "loss": loss.detach(),
+            "mse": sq.detach().mean(),
+            "weight_mean": w.mean(),
+        }
+        if self.guidance is not None:
+            terms["drop_frac"] = g.drop_mask.float().mean()
+            terms["guided_frac"] = g.guided_mask.float().mean()
+        return LossOutput(loss=loss, per_sample=per_sample, terms=terms, t=b.t, r=b.r)

@@ -1,0 +1,286 @@
+r"""MeanFlow: regress the average velocity onto the MeanFlow identity (Geng et al. 2025).
+
+.. math::
+    u_{tgt} = \tilde v - (t - r)\,\frac{d}{dt}u_\theta(z_t, r, t), \qquad
+    \frac{d}{dt}u_\theta = \partial_z u_\theta\,\tilde v + \partial_t u_\theta,
+
+    L_{MF} = \mathbb{E}\; \mathrm{sg}(w_i)\,\| u_\theta(z_t, r, t) - \mathrm{sg}(u_{tgt}) \|^2,
+    \quad w_i = 1 / (\|D_i\|^2 + c)^p.
+
+The JVP runs only on rows with ``r != t`` (with 75% ``r = t`` rows, a quarter of the batch), on the
+``target_model`` without gradient (strategy ``"nograd"``), followed by ONE gradient forward of ``model``
+on the whole batch. On ``r = t`` rows the target is :math:`\tilde v` (flow matching).
+
+Improved-MeanFlow options (Geng et al., arXiv 2512.02012): ``tangent="model"`` uses the network's own
+velocity :math:`v_\theta = u_\theta(z_t, t, t)` as the JVP tangent; ``compound=True`` writes the loss as
+:math:`\|u_\theta + (t - r)\,\mathrm{sg}(du/dt) - \tilde v\|^2` (numerically the same regression, logged
+as such); ``aux_velocity_weight`` adds :math:`\lambda\,\| u_\theta(z_t, t, t) - \tilde v\|^2` (adaptively
+weighted) computed in the same gradient forward.
+
+With ``decompose=True`` the result carries ``decomposition = {"tfm", "fm_border", "tcc"}``:
+:math:`L_{TFM} = \mathbb{E}\, w\|u_\theta - \tilde v\|^2`,
+:math:`L_{TCc} = \mathbb{E}\, w\,2(t - r)\,u_\theta\cdot\mathrm{sg}(du/dt)` and
+:math:`L_{FM'}` (``r = t`` rows only), with :math:`\nabla L_{MF} = \nabla L_{TFM} + \nabla L_{TCc}` exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from meanflow_losses._validate import check_model_output, select_rows
+from meanflow_losses.adapters import ignores_r
+from meanflow_losses.conventions import append_dims
+from meanflow_losses.guidance import TrainingGuidance, apply_guidance
+from meanflow_losses.jvp import check_strategy, time_derivative
+from meanflow_losses.objectives.base import (
+    LossOutput,
+    PerRowWeight,
+    masked_mean,
+    prepare_batch,
+    rows,
+    upcast,
+)
+from meanflow_losses.times import TimePairSampler
+from meanflow_losses.weighting import AdaptiveWeight, check_reduction, reduce_data_dims
+
+__all__ = ["MeanFlowLoss", "decomposition_terms"]
+
+
+def _cat_kwargs(kw: dict[str, Any], n: int) -> dict[str, Any]:
+    return {
+        k: torch.cat([val, val]) if isinstance(val, Tensor) and val.ndim > 0 and val.shape[0] == n else val
+        for k, val in kw.items()
+    }
+
+
+def decomposition_terms(
+    u: Tensor, v_tilde: Tensor, dudt: Tensor, t: Tensor, r: Tensor, w: Tensor, reduction: str
+) -> dict[str, Tensor]:
+    r"""The MeanFlow loss split into trajectory FM and trajectory consistency.
+
+    Args:
+        u: Network output with gradient, ``(B, *D)``.
+        v_tilde: Guided velocity, ``(B, *D)``.
+        dudt: Detached :math:`du/dt` (zero on ``r = t`` rows), ``(B, *D)``.
+        t: Start times, ``(B,)``.
+        r: End times, ``(B,)``.
+        w: Detached per-sample weights, ``(B,)``.
+        reduction: ``"sum"`` or ``"mean"`` over data dimensions.
+
+    Returns:
+        ``{"tfm": L_TFM, "fm_border": L_FM', "tcc": L_TCc}``, differentiable scalars with
+        :math:`\nabla(L_{TFM} + L_{TCc}) = \nabla L_{MF}`.
+    """
+    sq = reduce_data_dims(upcast(u - v_tilde).square(), reduction)
+    tcc = reduce_data_dims(upcast(2 * append_dims(t - r, u).to(u.dtype) * u * dudt.detach()), reduction)
+    eq = r == t
+    n_eq = eq.sum().clamp_min(1)
+    return {
+        "tfm": (w * sq).mean(),
+        "fm_border": (w * sq * eq).sum() / n_eq,
+        "tcc": (w * tcc).mean(),
+    }
+
+
+@dataclass
+class MeanFlowLoss:
+    r"""The MeanFlow objective on any ``model(z, r, t, **model_kwargs)``.
+
+    Args:
+        times: ``(t, r)`` pair sampler (``equal_fraction`` = share of ``r = t`` rows).
+        weighting: Adaptive weight; MeanFlow uses ``p = 1``.
+        reduction: ``"sum"`` (official MeanFlow) or ``"mean"`` over data dimensions.
+        guidance: Optional training-time guidance and condition dropout.
+        jvp: ``"nograd"`` (default), ``"joint"`` or ``"finite_difference"``.
+        jvp_fp32: Run the JVP in float32 with autocast disabled.
+        fd_eps: Finite-difference step (default depends on dtype).
+        tangent: ``"conditional"`` (:math:`\tilde v`, MeanFlow) or ``"model"`` (:math:`v_\theta`, iMF).
+        compound: Log the iMF compound form :math:`V = u + (t - r)\,\mathrm{sg}(du/dt)` (same regression).
+        aux_velocity_weight: Weight of the auxiliary instantaneous-velocity loss (iMF); 0 disables it.
+        interval_weight: Optional ``(t, r, step) -> (B,)`` multiplier applied after the adaptive weight on
+            ``r != t`` rows (e.g. Kim et al.'s progressive interval weight).
+        velocity_weight: Optional ``(t, r, step) -> (B,)`` multiplier on ``r = t`` rows (e.g. Min-SNR).
+        decompose: Attach the differentiable ``{"tfm", "fm_border", "tcc"}`` decomposition.
+    """
+
+    times: TimePairSampler = field(default_factory=lambda: TimePairSampler("logit_normal", -0.4, 1.0, 0.75))
+    weighting: AdaptiveWeight = field(default_factory=lambda: AdaptiveWeight(p=1.0, c=1e-3))
+    reduction: str = "sum"
+    guidance: TrainingGuidance | None = None
+    jvp: str = "nograd"
+    jvp_fp32: bool = True
+    fd_eps: float | None = None
+    tangent: Literal["conditional", "model"] = "conditional"
+    compound: bool = False
+    aux_velocity_weight: float = 0.0
+    interval_weight: PerRowWeight | None = None
+    velocity_weight: PerRowWeight | None = None
+    decompose: bool = False
+
+    def __post_init__(self) -> None:
+        check_reduction(self.reduction)
+        check_strategy(self.jvp)
+        if not isinstance(self.times, TimePairSampler):
+            raise TypeError(f"times must be a TimePairSampler, got {type(self.times).__name__}")
+        if self.tangent not in ("conditional", "model"):
+            raise ValueError(f"tangent must be 'conditional' or 'model', got {self.tangent!r}")
+        if not self.aux_velocity_weight >= 0:
+            raise ValueError(f"aux_velocity_weight must be >= 0, got {self.aux_velocity_weight}")
+        if self.aux_velocity_weight > 0 and self.jvp == "joint":
+            raise ValueError(
+                "aux_velocity_weight > 0 needs one batched gradient forward: use jvp='nograd' or "
+                "'finite_difference', not 'joint'"
+            )
+
+    def __call__(
+        self,
+        model: Any,
+        x: Tensor,
+        *,
+        model_kwargs: dict[str, Any] | None = None,
+        target_model: Any = None,
+        t: Tensor | None = None,
+        r: Tensor | None = None,
+        noise: Tensor | None = None,
+        v_target: Tensor | None = None,
+        drop_mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        step: int | None = None,
+    ) -> LossOutput:
+        """Compute the MeanFlow loss on a batch.
+
+        Args:
+            model: Network called with gradient (may be a DDP wrapper).
+            x: Data, shape ``(B, *D)``.
+            model_kwargs: Conditioning.
+            target_model: Module for every no-grad pass (JVP, guidance); defaults to ``model``.
+            t: Optional start times ``(B,)``.
+            r: Optional end times ``(B,)``, ``r <= t``.
+            noise: Optional noise ``(B, *D)``.
+            v_target: Optional velocity ``(B, *D)`` replacing ``e - x`` (teacher or marginal velocity).
+            drop_mask: Optional explicit condition-dropout rows, bool ``(B,)``.
+            generator: Random generator for every draw.
+            step: Training step (scheduled fractions and weights).
+
+        Returns:
+            :class:`LossOutput`; ``terms`` hold ``loss``, ``mse``, ``weight_mean``, ``fm_mse`` (``r = t``
+            rows), ``mf_mse`` (``r != t`` rows), ``frac_equal`` and ``dudt_rms``.
+        """
+        b = prepare_batch(
+            model,
+            x,
+            self.times,
+            model_kwargs=model_kwargs,
+            t=t,
+            r=r,
+            noise=noise,
+            v_target=v_target,
+            generator=generator,
+            step=step,
+        )
+        tm = model if target_model is None else target_model
+        batch = b.x.shape[0]
+        g = apply_guidance(self.guidance, tm, b.z, b.t, b.v, b.model_kwargs, drop_mask=drop_mask, generator=generator)
+        v_t, kw = g.v_tilde, g.model_kwargs
+        neq = b.r != b.t
+        idx = rows(neq)
+        n_j = idx.numel()
+        if n_j > 0 and (ignores_r(model) or ignores_r(tm)):
+            raise ValueError(
+                "model ignores r (a flow-matching network wrapped by from_velocity_net) but the batch has "
+                "rows with r != t: MeanFlow needs a network of (z, r, t); use from_interval_net or r = t"
+            )
+
+        dudt = torch.zeros_like(v_t)
+        u_joint: Tensor | None = None
+        if n_j > 0:
+            z_j, r_j, t_j = b.z.index_select(0, idx), b.r.index_select(0, idx), b.t.index_select(0, idx)
+            kw_j = select_rows(kw, idx, batch)
+            if self.tangent == "model":
+                with torch.no_grad():
+                    tan = check_model_output(tm(z_j, t_j, t_j, **kw_j), z_j, who="target_model").to(v_t.dtype)
+            else:
+                tan = v_t.index_select(0, idx)
+            res = time_derivative(
+                tm if self.jvp != "joint" else model,
+                z_j,
+                r_j,
+                t_j,
+                tan,
+                kw_j,
+                strategy=self.jvp,
+                fp32=self.jvp_fp32,
+                fd_eps=self.fd_eps,
+            )
+            dudt = dudt.index_copy(0, idx, res.dudt.to(v_t.dtype))
+            if self.jvp == "joint":
+                u_joint = res.u
+
+        u_aux: Tensor | None = None
+        if u_joint is not None:
+            eq_idx = rows(~neq)
+            u = torch.zeros(b.z.shape, dtype=u_joint.dtype, device=b.z.device).index_copy(0, idx, u_joint)
+            if eq_idx.numel() > 0:
+                z_e, t_e = b.z.index_select(0, eq_idx), b.t.index_select(0, eq_idx)
+                u_e = check_model_output(model(z_e, t_e, t_e, **select_rows(kw, eq_idx, batch)), z_e)
+                u = u.index_copy(0, eq_idx, u_e.to(u.dtype))
+        elif self.aux_velocity_weight > 0:
+            zz = torch.cat([b.z, b.z])
+            out = check_model_output(
+                model(zz, torch.cat([b.r, b.t]), torch.cat([b.t, b.t]), **_cat_kwargs(kw, batch)), zz
+            )
+            u, u_aux = out[:batch], out[batch:]
+        else:
+            u = check_model_output(model(b.z, b.r, b.t, **kw), b.z)
+
+        gap = append_dims(b.t - b.r, v_t).to(v_t.dtype)
+        target = (v_t - gap * dudt).detach()
+        if self.compound:
+            pred = upcast(u) + upcast(gap * dudt).detach()
+            sq = reduce_data_dims((pred - upcast(v_t)).square(), self.reduction)
+        else:
+            sq = reduce_data_dims(upcast(u - target.to(u.dtype)).square(), self.reduction)
+        w = self.weighting(sq)
+        if self.interval_weight is not None:
+            w = torch.where(neq, w * self.interval_weight(b.t, b.r, step).to(w), w)
+        if self.velocity_weight is not None:
+            w = torch.where(neq, w, w * self.velocity_weight(b.t, b.r, step).to(w))
+        w = w.detach()
+        per_sample = w * sq
+        terms: dict[str, Tensor] = {}
+        if u_aux is not None:
+            sq_aux = reduce_data_dims(upcast(u_aux - v_t.to(u_aux.dtype)).square(), self.reduction)
+            w_aux = self.weighting(sq_aux)
+            per_sample = per_sample + self.aux_velocity_weight * w_aux * sq_aux
+            terms["aux_mse"] = sq_aux.detach().mean()
+        loss = per_sample.mean()
+        terms.update(
+            {
+                "loss": loss.detach(),
+                "mse": sq.detach().mean(),
+                "weight_mean": w.mean(),
+                "fm_mse": masked_mean(sq, ~neq),
+                "mf_mse": masked_mean(sq, neq),
+                "frac_equal": (~neq).float().mean(),
+                "dudt_rms": upcast(dudt).square().mean().sqrt().detach(),
+            }
+        )
+        if self.guidance is not None:
+            terms["drop_frac"] = g.drop_mask.float().mean()
+            terms["guided_frac"] = g.guided_mask.float().mean()
+        decomposition = None
+        if self.decompose:
+            decomposition = decomposition_terms(u, v_t.to(u.dtype), dudt.to(u.dtype), b.t, b.r, w, self.reduction)
+        return LossOutput(
+            loss=loss,
+            per_sample=per_sample,
+            terms=terms,
+            t=b.t,
+            r=b.r,
+            decomposition=decomposition,
+            extras={"target": target, "dudt": dudt},
+        )
