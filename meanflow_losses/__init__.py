@@ -4,23 +4,37 @@ Convention: t = 0 is data, t = 1 is noise, r <= t, z_r = z_t - (t - r) u.
 Model protocol: ``model(z, r, t, **model_kwargs) -> u`` shaped like ``z``.
 """
 
-from meanflow_losses import adapters
+from meanflow_losses import adapters, diagnostics, ema, presets, schedules
 from meanflow_losses.conventions import conditional_velocity, interpolate
 from meanflow_losses.guidance import TrainingGuidance
 from meanflow_losses.jvp import JVP_STRATEGIES, time_derivative
-from meanflow_losses.objectives import FlowMatchingLoss, LossOutput, MeanFlowLoss
+from meanflow_losses.objectives import (
+    AlphaFlowLoss,
+    DyadicPairSampler,
+    FlowMatchingLoss,
+    LossOutput,
+    MeanFlowLoss,
+    ShortcutLoss,
+    SplitMeanFlowLoss,
+)
 from meanflow_losses.sampling import make_grid, sample
 from meanflow_losses.times import TimePair, TimePairSampler, TimeSampler
-from meanflow_losses.weighting import AdaptiveWeight
+from meanflow_losses.weighting import AdaptiveWeight, MinSNRWeight, ProgressiveIntervalWeight
 
 __version__ = "0.1.0"
 
 __all__ = [
     "JVP_STRATEGIES",
     "AdaptiveWeight",
+    "AlphaFlowLoss",
+    "DyadicPairSampler",
     "FlowMatchingLoss",
     "LossOutput",
     "MeanFlowLoss",
+    "MinSNRWeight",
+    "ProgressiveIntervalWeight",
+    "ShortcutLoss",
+    "SplitMeanFlowLoss",
     "TimePair",
     "TimePairSampler",
     "TimeSampler",
@@ -28,8 +42,12 @@ __all__ = [
     "__version__",
     "adapters",
     "conditional_velocity",
+    "diagnostics",
+    "ema",
     "interpolate",
     "make_grid",
+    "presets",
     "sample",
+    "schedules",
     "time_derivative",
 ]

@@ -1,0 +1,102 @@
+r"""Half-life EMA with warm-up, as averaging functions for PyTorch's own ``AveragedModel``.
+
+The package has no EMA class: use :class:`torch.optim.swa_utils.AveragedModel` with one of these functions.
+A half-life of :math:`h` updates means the decay :math:`\beta = 2^{-1/h}` (alpha-Flow: ``h = 6931`` steps,
+:math:`\beta \approx 0.9999`). With ``warmup_ratio = \rho`` the half-life grows with the number of updates
+``n``: :math:`h_n = \min(h, \rho\,n)`, so early averages forget the random initialization quickly
+(the ramp-up of Karras et al.'s EDM training code).
+
+Example::
+
+    from torch.optim.swa_utils import AveragedModel
+    ema = AveragedModel(model, multi_avg_fn=mfl.ema.ema_multi_avg_fn(6931, warmup_ratio=0.05), use_buffers=True)
+    ...
+    ema.update_parameters(model)          # after each optimizer step
+    loss_fn(model, x, target_model=...)   # an EMA teacher is ema.module (Shortcut models)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["ema_avg_fn", "ema_decay", "ema_multi_avg_fn"]
+
+
+def _check(half_life_steps: float, warmup_ratio: float | None) -> None:
+    if not (math.isfinite(half_life_steps) and half_life_steps > 0):
+        raise ValueError(f"half_life_steps must be a finite number > 0, got {half_life_steps}")
+    if warmup_ratio is not None and not (math.isfinite(warmup_ratio) and warmup_ratio > 0):
+        raise ValueError(f"warmup_ratio must be a finite number > 0 or None, got {warmup_ratio}")
+
+
+def ema_decay(half_life_steps: float, num_updates: int, warmup_ratio: float | None = None) -> float:
+    r"""Decay :math:`\beta_n = 2^{-1/h_n}` of the ``num_updates``-th averaging step.
+
+    Args:
+        half_life_steps: Half-life :math:`h` in updates (optimizer steps).
+        num_updates: Number ``n`` of models averaged so far (``AveragedModel.n_averaged``), ``n >= 0``.
+        warmup_ratio: :math:`\rho`; the half-life is :math:`\min(h, \rho\,n)`. ``None``: no warm-up.
+
+    Returns:
+        :math:`\beta_n` in ``[0, 1)``; 0 (copy the model) when the warmed-up half-life is 0.
+    """
+    _check(half_life_steps, warmup_ratio)
+    if num_updates < 0:
+        raise ValueError(f"num_updates must be >= 0, got {num_updates}")
+    h = half_life_steps if warmup_ratio is None else min(half_life_steps, warmup_ratio * num_updates)
+    return 0.0 if h <= 0 else 0.5 ** (1.0 / h)
+
+
+def ema_avg_fn(
+    half_life_steps: float, *, warmup_ratio: float | None = None
+) -> Callable[[Tensor, Tensor, Tensor | int], Tensor]:
+    r"""``avg_fn`` for ``AveragedModel``: :math:`\bar\theta \leftarrow \beta_n \bar\theta + (1 - \beta_n)\theta`.
+
+    Args:
+        half_life_steps: Half-life :math:`h` in updates.
+        warmup_ratio: Optional ramp-up :math:`\rho` (half-life :math:`\min(h, \rho\,n)`).
+
+    Returns:
+        ``avg_fn(averaged_param, model_param, num_averaged) -> new averaged_param``.
+    """
+    _check(half_life_steps, warmup_ratio)
+
+    def avg_fn(averaged_param: Tensor, model_param: Tensor, num_averaged: Tensor | int) -> Tensor:
+        beta = ema_decay(half_life_steps, int(num_averaged), warmup_ratio)
+        return averaged_param + (1.0 - beta) * (model_param - averaged_param)
+
+    return avg_fn
+
+
+def ema_multi_avg_fn(
+    half_life_steps: float, *, warmup_ratio: float | None = None
+) -> Callable[[list[Tensor], list[Tensor], Tensor | int], None]:
+    r"""``multi_avg_fn`` for ``AveragedModel`` (in place, with ``torch._foreach_lerp_`` on float tensors).
+
+    Same update as :func:`ema_avg_fn`, applied to a whole group of parameters at once.
+
+    Args:
+        half_life_steps: Half-life :math:`h` in updates.
+        warmup_ratio: Optional ramp-up :math:`\rho`.
+
+    Returns:
+        ``multi_avg_fn(averaged_params, model_params, num_averaged) -> None``.
+    """
+    _check(half_life_steps, warmup_ratio)
+
+    @torch.no_grad()
+    def multi_avg_fn(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor | int) -> None:
+        if not averaged:
+            return
+        weight = 1.0 - ema_decay(half_life_steps, int(num_averaged), warmup_ratio)
+        if all(p.is_floating_point() or p.is_complex() for p in averaged):
+            torch._foreach_lerp_(averaged, current, weight)
+        else:
+            for p_avg, p_cur in zip(averaged, current, strict=True):
+                p_avg.copy_(p_avg + weight * (p_cur - p_avg))
+
+    return multi_avg_fn

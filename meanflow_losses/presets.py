@@ -1,0 +1,200 @@
+r"""Published training settings as ready objectives: alpha-Flow's ImageNet recipes and accelerated MeanFlow.
+
+alpha-Flow (Zhang et al., arXiv 2510.20771; official configs of snap-research/alphaflow), all with
+logit-normal(-0.4, 1.0) times, :math:`w = \alpha/(\|D\|^2 + 10^{-3})` with the MEAN reduction,
+:math:`\eta = 5\cdot 10^{-3}`, the sigmoid curriculum with :math:`\gamma = 25` and targets clipped to +-4:
+
+============  ============  ===================  ===========  =========================================
+preset        total steps   sigmoid window       r = t share  guidance (omega, kappa, interval, drop)
+============  ============  ===================  ===========  =========================================
+``B/2``       400K          0 -> 400K            50%          none
+``B/2-cfg``   1.2M          0 -> 1.2M            25%          1.0, 0.5, [0, 1], 0.1 inside the interval
+``XL/2-cfg``  1.2M          600K -> 1M           50%          0.2, 0.92, [0, 0.75], 0.1 inside the interval
+============  ============  ===================  ===========  =========================================
+
+The rest of the recipe is not part of a loss and is recorded on :class:`AlphaFlowPreset` for reference:
+Adam lr 1e-4, betas (0.9, 0.95), gradient clipping 16, EMA half-life 6931 steps (:mod:`meanflow_losses.ema`),
+batch 256, bf16 autocast. XL/2+ continues XL/2 for 75K steps at batch 1024.
+
+Accelerated MeanFlow (Kim et al., arXiv 2511.19065): :func:`accelerated_meanflow` adds Min-SNR weighting on
+``r = t`` rows and the progressive interval weight on ``r != t`` rows to :class:`MeanFlowLoss`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from meanflow_losses.guidance import TrainingGuidance
+from meanflow_losses.objectives.alphaflow import AlphaFlowLoss
+from meanflow_losses.objectives.meanflow import MeanFlowLoss
+from meanflow_losses.schedules import Sigmoid
+from meanflow_losses.times import TimePairSampler
+from meanflow_losses.weighting import AdaptiveWeight, MinSNRWeight, ProgressiveIntervalWeight
+
+__all__ = ["ALPHAFLOW_PRESETS", "AlphaFlowPreset", "accelerated_meanflow", "alphaflow_preset"]
+
+NullCondition = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class AlphaFlowPreset:
+    """One published alpha-Flow training setting.
+
+    Attributes:
+        name: Preset name.
+        total_steps: Training steps.
+        alpha_start: First step of the sigmoid transition (``k_s``).
+        alpha_end: Last step of the sigmoid transition (``k_e``).
+        equal_fraction: Share of ``r = t`` rows.
+        omega: Guidance weight of the conditional velocity (1 and ``kappa = 0`` without guidance).
+        kappa: Guidance weight of the network's conditional velocity.
+        interval: Guidance interval ``(t_min, t_max)``.
+        drop_prob: Label dropout probability (applied inside the guidance interval only).
+        gamma: Sigmoid steepness.
+        eta: alpha thresholds.
+        c: Adaptive-weight constant.
+        reduction: Reduction over data dimensions.
+        target_clip: Elementwise clip of the consistency targets.
+        lr: Adam learning rate (reference only).
+        betas: Adam betas (reference only).
+        grad_clip: Gradient-norm clip (reference only).
+        ema_half_life: EMA half-life in steps (reference only).
+        batch_size: Global batch size (reference only).
+    """
+
+    name: str
+    total_steps: int
+    alpha_start: int
+    alpha_end: int
+    equal_fraction: float
+    omega: float = 1.0
+    kappa: float = 0.0
+    interval: tuple[float, float] = (0.0, 1.0)
+    drop_prob: float = 0.0
+    gamma: float = 25.0
+    eta: float = 5e-3
+    c: float = 1e-3
+    reduction: str = "mean"
+    target_clip: float | None = 4.0
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 16.0
+    ema_half_life: float = 6931.0
+    batch_size: int = 256
+
+    @property
+    def guided(self) -> bool:
+        """Whether the preset trains with guidance or label dropout."""
+        return self.drop_prob > 0 or self.kappa != 0 or self.omega != 1
+
+    def schedule(self) -> Sigmoid:
+        """The alpha curriculum: ``Sigmoid(alpha_start, alpha_end, gamma)`` from 1 to 0."""
+        return Sigmoid(self.alpha_start, self.alpha_end, gamma=self.gamma)
+
+    def build(self, *, null_condition: NullCondition | None = None, **overrides: Any) -> AlphaFlowLoss:
+        """The configured :class:`AlphaFlowLoss`.
+
+        Args:
+            null_condition: ``model_kwargs -> model_kwargs`` giving the null condition; required by the
+                guided presets (e.g. ``lambda kw: {**kw, "y": torch.full_like(kw["y"], 1000)}``).
+            **overrides: Fields of :class:`AlphaFlowLoss` to replace (e.g. ``jvp="finite_difference"``).
+        """
+        guidance = None
+        if self.guided:
+            if null_condition is None:
+                raise ValueError(
+                    f"preset {self.name!r} trains with guidance and label dropout: pass null_condition= "
+                    "(model_kwargs -> model_kwargs with the null class)"
+                )
+            guidance = TrainingGuidance(
+                omega=self.omega,
+                kappa=self.kappa,
+                interval=self.interval,
+                drop_prob=self.drop_prob,
+                null_condition=null_condition,
+                drop_only_in_interval=True,
+            )
+        loss = AlphaFlowLoss(
+            alpha=self.schedule(),
+            eta=self.eta,
+            times=TimePairSampler("logit_normal", -0.4, 1.0, self.equal_fraction),
+            weighting=AdaptiveWeight(p=1.0, c=self.c),
+            reduction=self.reduction,
+            target_clip=self.target_clip,
+            guidance=guidance,
+        )
+        return replace(loss, **overrides) if overrides else loss
+
+
+ALPHAFLOW_PRESETS: dict[str, AlphaFlowPreset] = {
+    "B/2": AlphaFlowPreset("B/2", total_steps=400_000, alpha_start=0, alpha_end=400_000, equal_fraction=0.5),
+    "B/2-cfg": AlphaFlowPreset(
+        "B/2-cfg",
+        total_steps=1_200_000,
+        alpha_start=0,
+        alpha_end=1_200_000,
+        equal_fraction=0.25,
+        omega=1.0,
+        kappa=0.5,
+        interval=(0.0, 1.0),
+        drop_prob=0.1,
+    ),
+    "XL/2-cfg": AlphaFlowPreset(
+        "XL/2-cfg",
+        total_steps=1_200_000,
+        alpha_start=600_000,
+        alpha_end=1_000_000,
+        equal_fraction=0.5,
+        omega=0.2,
+        kappa=0.92,
+        interval=(0.0, 0.75),
+        drop_prob=0.1,
+    ),
+}
+
+
+def alphaflow_preset(name: str, *, null_condition: NullCondition | None = None, **overrides: Any) -> AlphaFlowLoss:
+    """Build the :class:`AlphaFlowLoss` of a published setting (see :data:`ALPHAFLOW_PRESETS`).
+
+    Args:
+        name: ``"B/2"``, ``"B/2-cfg"`` or ``"XL/2-cfg"``.
+        null_condition: Required by the guided presets.
+        **overrides: Fields of :class:`AlphaFlowLoss` to replace.
+    """
+    if name not in ALPHAFLOW_PRESETS:
+        raise ValueError(f"name must be one of {sorted(ALPHAFLOW_PRESETS)}, got {name!r}")
+    return ALPHAFLOW_PRESETS[name].build(null_condition=null_condition, **overrides)
+
+
+def accelerated_meanflow(
+    total_steps: int,
+    *,
+    times: TimePairSampler | None = None,
+    gamma: float = 5.0,
+    k: float = 1.0,
+    min_snr_form: str = "v_prediction",
+    **meanflow_options: Any,
+) -> MeanFlowLoss:
+    r"""MeanFlow with Kim et al.'s accelerated scheme: Min-SNR on ``r = t`` rows, :math:`\beta` on ``r != t``.
+
+    Args:
+        total_steps: ``T`` of the progressive interval weight (the weight is uniform from step ``T`` on).
+        times: The ``(t, r)`` sampler (default: MeanFlow's logit-normal(-0.4, 1.0), 75% ``r = t``);
+            :math:`\lambda` is computed from it.
+        gamma: Min-SNR clamp.
+        k: Exponent of the progress in :math:`\beta`.
+        min_snr_form: ``"v_prediction"`` or ``"x0_matched"`` (see :class:`MinSNRWeight`).
+        **meanflow_options: Other :class:`MeanFlowLoss` fields (weighting, reduction, guidance, jvp, ...).
+
+    Returns:
+        A :class:`MeanFlowLoss`; call it with ``step=`` at every step.
+    """
+    times = times if times is not None else TimePairSampler("logit_normal", -0.4, 1.0, 0.75)
+    return MeanFlowLoss(
+        times=times,
+        velocity_weight=MinSNRWeight(gamma=gamma, form=min_snr_form),
+        interval_weight=ProgressiveIntervalWeight(total_steps, k=k, times=times),
+        **meanflow_options,
+    )
