@@ -5,8 +5,9 @@ Model protocol: ``model(z, r, t, **model_kwargs) -> u`` shaped like ``z``.
 """
 
 from meanflow_losses import adapters, diagnostics, ema, presets, schedules
+from meanflow_losses._validate import value_checks
 from meanflow_losses.conventions import conditional_velocity, interpolate
-from meanflow_losses.guidance import TrainingGuidance
+from meanflow_losses.guidance import TrainingGuidance, null_class
 from meanflow_losses.jvp import JVP_STRATEGIES, time_derivative
 from meanflow_losses.objectives import (
     AlphaFlowLoss,
@@ -46,8 +47,10 @@ __all__ = [
     "ema",
     "interpolate",
     "make_grid",
+    "null_class",
     "presets",
     "sample",
     "schedules",
     "time_derivative",
+    "value_checks",
 ]

@@ -6,7 +6,8 @@ what was expected, so that bad input never becomes a silent wrong answer.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -18,7 +19,33 @@ __all__ = [
     "check_same_shape",
     "check_times",
     "select_rows",
+    "value_checks",
 ]
+
+
+_VALUE_CHECKS = [True]
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool) -> Iterator[None]:
+    """Switch the value checks (finite values, times in ``[0, 1]``, ``r <= t``) on or off in a block.
+
+    Each value check reads a result back to the host, which costs a device synchronisation per loss call on a
+    GPU. Shape, dtype and option checks always run. Turn value checks off only in a training loop whose
+    inputs were validated once::
+
+        with mfl.value_checks(False):
+            out = loss_fn(model, x)
+    """
+    _VALUE_CHECKS.append(bool(enabled))
+    try:
+        yield
+    finally:
+        _VALUE_CHECKS.pop()
+
+
+def _values_on() -> bool:
+    return _VALUE_CHECKS[-1]
 
 
 def check_batch(name: str, x: Any, *, min_ndim: int = 2) -> Tensor:
@@ -33,7 +60,7 @@ def check_batch(name: str, x: Any, *, min_ndim: int = 2) -> Tensor:
         )
     if x.shape[0] == 0:
         raise ValueError(f"{name} must hold at least one sample, got batch size 0")
-    if not bool(torch.isfinite(x).all()):
+    if _values_on() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains non-finite values (NaN or inf)")
     return x
 
@@ -46,7 +73,7 @@ def check_same_shape(name: str, y: Any, ref_name: str, ref: Tensor) -> Tensor:
         raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(y.shape)}")
     if not y.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {y.dtype}")
-    if not bool(torch.isfinite(y).all()):
+    if _values_on() and not bool(torch.isfinite(y).all()):
         raise ValueError(f"{name} contains non-finite values (NaN or inf)")
     return y
 
@@ -59,6 +86,8 @@ def check_times(name: str, t: Any, batch_size: int) -> Tensor:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if tuple(t.shape) != (batch_size,):
         raise ValueError(f"{name} must have shape ({batch_size},) (one time per sample), got {tuple(t.shape)}")
+    if not _values_on():
+        return t
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains non-finite values (NaN or inf)")
     if bool((t < 0).any()) or bool((t > 1).any()):
@@ -69,6 +98,8 @@ def check_times(name: str, t: Any, batch_size: int) -> Tensor:
 
 def check_r_le_t(r: Tensor, t: Tensor) -> None:
     """Check the ordering ``r <= t`` row by row."""
+    if not _values_on():
+        return
     bad = r > t
     if bool(bad.any()):
         i = int(bad.nonzero()[0])

@@ -51,6 +51,13 @@ def ema_decay(half_life_steps: float, num_updates: int, warmup_ratio: float | No
     return 0.0 if h <= 0 else 0.5 ** (1.0 / h)
 
 
+def _device_weight(half_life_steps: float, warmup_ratio: float, num_averaged: Tensor) -> Tensor:
+    """``1 - beta_n`` as a 0-dim float64 tensor on ``num_averaged``'s device."""
+    h = torch.clamp(num_averaged.to(torch.float64) * warmup_ratio, max=half_life_steps)
+    beta = torch.where(h > 0, torch.pow(0.5, 1.0 / h.clamp_min(1e-300)), torch.zeros_like(h))
+    return (1.0 - beta).reshape(())
+
+
 def ema_avg_fn(
     half_life_steps: float, *, warmup_ratio: float | None = None
 ) -> Callable[[Tensor, Tensor, Tensor | int], Tensor]:
@@ -92,7 +99,18 @@ def ema_multi_avg_fn(
     def multi_avg_fn(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor | int) -> None:
         if not averaged:
             return
-        weight = 1.0 - ema_decay(half_life_steps, int(num_averaged), warmup_ratio)
+        if isinstance(num_averaged, Tensor) and warmup_ratio is not None:
+            # decay computed on the tensor's device: no host sync per update (AveragedModel keeps n on device)
+            weight_t = _device_weight(half_life_steps, warmup_ratio, num_averaged)
+            if all(p.is_floating_point() for p in averaged):
+                diffs = torch._foreach_sub(current, averaged)
+                torch._foreach_mul_(diffs, weight_t.to(averaged[0].dtype))
+                torch._foreach_add_(averaged, diffs)
+                return
+            weight = float(weight_t)
+        else:
+            n = 0 if warmup_ratio is None else int(num_averaged)  # the decay does not depend on n without warm-up
+            weight = 1.0 - ema_decay(half_life_steps, n, warmup_ratio)
         if all(p.is_floating_point() or p.is_complex() for p in averaged):
             torch._foreach_lerp_(averaged, current, weight)
         else:

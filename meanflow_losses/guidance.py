@@ -24,9 +24,35 @@ from torch import Tensor
 
 from meanflow_losses._validate import check_model_output, select_rows, where_rows
 
-__all__ = ["GuidanceResult", "TrainingGuidance", "apply_guidance"]
+__all__ = ["GuidanceResult", "NullClass", "TrainingGuidance", "apply_guidance", "null_class"]
 
 NullCondition = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class NullClass:
+    """Picklable null condition for class labels: replaces ``model_kwargs[key]`` by ``num_classes``.
+
+    Args:
+        num_classes: Number of real classes; the null class index is ``num_classes``.
+        key: Name of the label entry in ``model_kwargs``.
+    """
+
+    num_classes: int
+    key: str = "y"
+
+    def __call__(self, model_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Return a copy of ``model_kwargs`` whose labels are all the null class."""
+        if self.key not in model_kwargs:
+            raise KeyError(f"null_class: model_kwargs has no {self.key!r} entry (keys: {sorted(model_kwargs)})")
+        return {**model_kwargs, self.key: torch.full_like(model_kwargs[self.key], self.num_classes)}
+
+
+def null_class(num_classes: int, key: str = "y") -> NullClass:
+    """Null condition for class-conditional models: ``{**kw, key: full_like(kw[key], num_classes)}``."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    return NullClass(int(num_classes), key)
 
 
 @dataclass(frozen=True)
@@ -43,6 +69,10 @@ class TrainingGuidance:
             example ``lambda kw: {**kw, "y": torch.full_like(kw["y"], num_classes)}``.
         drop_only_in_interval: If true, conditions are dropped only on rows inside ``interval``
             (official alpha-Flow code); otherwise on any row (official MeanFlow code).
+        guide_dropped_rows: If false (MeanFlow), :math:`\tilde v = v` on dropped rows. If true (official
+            alpha-Flow code), dropped rows inside the interval are guided too, with their (null) condition in
+            the conditional term: :math:`\tilde v = \omega v + (1 - \omega)\,u_\theta(z_t, t, t \mid \varnothing)`.
+            The two agree when ``omega = 1``.
     """
 
     omega: float = 1.0
@@ -51,6 +81,7 @@ class TrainingGuidance:
     drop_prob: float = 0.1
     null_condition: NullCondition | None = None
     drop_only_in_interval: bool = False
+    guide_dropped_rows: bool = False
 
     def __post_init__(self) -> None:
         for name in ("omega", "kappa"):
@@ -93,7 +124,8 @@ class GuidanceResult:
         v_tilde: Guided velocity, shape ``(B, *D)``, no gradient.
         model_kwargs: Conditioning with dropped rows set to the null condition.
         drop_mask: Rows whose condition was dropped, shape ``(B,)``.
-        guided_mask: Rows where the guided target differs from ``v`` (in interval, not dropped), ``(B,)``.
+        guided_mask: Rows that received the guided mix (in the interval; not dropped unless
+            ``guide_dropped_rows``), ``(B,)``.
     """
 
     v_tilde: Tensor
@@ -166,14 +198,15 @@ def apply_guidance(
         if bool(drop_mask.any()):
             kwargs = where_rows(drop_mask, null_kwargs, model_kwargs, batch)
 
-    guided = in_iv & ~drop_mask
+    guided = in_iv if guidance.guide_dropped_rows else in_iv & ~drop_mask
     v_tilde = v.detach()
     w_c, w_u = guidance.kappa, guidance.uncond_weight
     if bool(guided.any()) and (w_c != 0 or w_u != 0 or guidance.omega != 1):
         idx = guided.nonzero().squeeze(1)
         n = idx.numel()
         z_g, t_g = z_t.detach().index_select(0, idx), t.index_select(0, idx)
-        cond_g = select_rows(model_kwargs, idx, batch)
+        # the conditional term uses each row's own condition (the null one on dropped rows when they are guided)
+        cond_g = select_rows(kwargs, idx, batch)
         with torch.no_grad():
             if w_c != 0 and w_u != 0:
                 assert null_kwargs is not None

@@ -81,16 +81,15 @@ def jvp_context(device_type: str, *, fp32: bool = True, math_attention: bool = T
         math_attention: Switch scaled-dot-product attention to the math backend.
 
     Yields:
-        Whether inputs should be cast to float32.
+        Whether autocast was switched off (then half-precision inputs are cast to float32).
     """
     with contextlib.ExitStack() as stack:
         if math_attention:
             stack.enter_context(_math_sdpa())
         cast = False
-        if fp32:
+        if fp32 and torch.is_autocast_enabled(device_type):
             cast = True
-            if torch.is_autocast_enabled(device_type):
-                stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+            stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
         yield cast
 
 
@@ -132,7 +131,8 @@ def time_derivative(
         tangent: :math:`\dot z` (the guided velocity), shape ``(n, *D)``.
         model_kwargs: Conditioning, rows aligned with ``z``.
         strategy: ``"nograd"``, ``"joint"`` or ``"finite_difference"``.
-        fp32: Run in float32 with autocast disabled.
+        fp32: Under autocast, run the JVP in float32 with autocast disabled. Without autocast the JVP runs in
+            the model's own dtype (a model converted with ``.bfloat16()`` stays in bfloat16).
         math_attention: Use the math SDPA backend during forward-mode AD.
         fd_eps: Finite-difference step (default :func:`default_fd_eps` of the compute dtype).
 

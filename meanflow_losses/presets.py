@@ -115,6 +115,7 @@ class AlphaFlowPreset:
                 drop_prob=self.drop_prob,
                 null_condition=null_condition,
                 drop_only_in_interval=True,
+                guide_dropped_rows=True,  # official alpha-Flow code guides dropped rows in the interval too
             )
         loss = AlphaFlowLoss(
             alpha=self.schedule(),

@@ -96,7 +96,9 @@ class TimePair:
 def resolve_fraction(fraction: FractionLike, step: int | None, name: str = "equal_fraction") -> float:
     """Evaluate a constant or scheduled fraction at ``step`` and check that it lies in ``[0, 1]``."""
     if callable(fraction):
-        value = float(fraction(0 if step is None else int(step)))
+        if step is None:
+            raise ValueError(f"{name} is a schedule (step -> fraction): call the loss with step=<training step>")
+        value = float(fraction(int(step)))
     else:
         value = float(fraction)
     if not (0.0 <= value <= 1.0):

@@ -268,3 +268,60 @@ def test_sampler_bad_grid(grid):
 def test_gaussian_helpers_consistent():
     x, e, _ = gaussian_batch(4, 2)
     assert x.dtype == torch.float64 and math.isfinite(float(e.sum()))
+
+
+def test_guide_dropped_rows_matches_official_alphaflow_mix():
+    omega, kappa = 0.2, 0.5
+    null = lambda kw: {**kw, "y": torch.full_like(kw["y"], 2)}  # noqa: E731
+    guidance = mfl.TrainingGuidance(
+        omega=omega, kappa=kappa, drop_prob=0.0, null_condition=null, guide_dropped_rows=True
+    )
+    model = KnownModel()
+    z = torch.randn(4, 3, dtype=torch.float64)
+    v = torch.randn(4, 3, dtype=torch.float64)
+    t = torch.full((4,), 0.5, dtype=torch.float64)
+    y = torch.tensor([0, 1, 0, 1])
+    drop = torch.tensor([False, True, False, True])
+    res = apply_guidance(guidance, model, z, t, v, {"y": y}, drop_mask=drop)
+    u_null = model.a[2] * z + model.b[2] * t[:, None]
+    u_c = model.a[y][:, None] * z + model.b[y][:, None] * t[:, None]
+    want = torch.where(
+        drop[:, None], omega * v + (1 - omega) * u_null, omega * v + kappa * u_c + (1 - omega - kappa) * u_null
+    )
+    torch.testing.assert_close(res.v_tilde, want)
+
+
+def test_scheduled_fraction_requires_step():
+    sampler = mfl.TimePairSampler("uniform", equal_fraction=lambda k: 0.5)
+    with pytest.raises(ValueError, match="step="):
+        sampler.sample(8)
+
+
+def test_bf16_data_gets_float32_times_and_float32_residual():
+    torch.manual_seed(0)
+    x = torch.randn(4096, 2).bfloat16()
+    out = mfl.MeanFlowLoss(times=mfl.TimePairSampler("uniform", equal_fraction=0.0))(
+        lambda z, r, t: z * 0.5, x, generator=torch.Generator().manual_seed(0)
+    )
+    assert out.t.dtype == torch.float32 and float(out.terms["frac_equal"]) == 0.0
+
+
+def test_residual_is_taken_in_float32_for_a_bf16_network():
+    """A bf16 network output is compared with the float32 target without rounding the target to bf16."""
+    x = torch.randn(64, 8)
+    e = torch.randn(64, 8)
+    t = torch.full((64,), 0.5)
+    v = e - x
+    u_bf16 = (v * 1.01).bfloat16()
+    out = mfl.FlowMatchingLoss(weighting=mfl.AdaptiveWeight(p=0.0))(lambda z, r, t_: u_bf16, x, t=t, noise=e)
+    want = (u_bf16.float() - v).square().mean(1)
+    torch.testing.assert_close(out.per_sample, want)
+
+
+def test_bf16_weights_without_autocast_run_the_jvp_in_bf16():
+    lin = torch.nn.Linear(2, 2).bfloat16()
+    x = torch.randn(8, 2).bfloat16()
+    out = mfl.MeanFlowLoss(times=mfl.TimePairSampler("uniform", equal_fraction=0.5))(
+        lambda z, r, t: lin(z) * t[:, None].to(z.dtype), x, generator=torch.Generator().manual_seed(0)
+    )
+    assert torch.isfinite(out.loss)

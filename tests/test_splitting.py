@@ -225,3 +225,17 @@ def test_ema_halves_the_gap_after_one_half_life(multi):
         ema.update_parameters(lin)
     torch.testing.assert_close(ema.module.weight, torch.full((2, 2), 0.5, dtype=F64))
     assert math.isclose(ema_decay(8.0, 5) ** 8, 0.5)
+
+
+def test_ema_warmup_on_device_counter_matches_float_formula():
+    """The warm-up path computes the decay from AveragedModel's tensor counter without a host sync."""
+    avg = [torch.zeros(3, dtype=F64)]
+    cur = [torch.ones(3, dtype=F64)]
+    fn = ema_multi_avg_fn(10.0, warmup_ratio=0.1)
+    fn(avg, cur, torch.tensor(20))
+    want = 1.0 - ema_decay(10.0, 20, warmup_ratio=0.1)
+    torch.testing.assert_close(avg[0], torch.full((3,), want, dtype=F64))
+    fn2 = ema_multi_avg_fn(10.0, warmup_ratio=0.1)
+    avg2 = [torch.zeros(3, dtype=F64)]
+    fn2(avg2, cur, torch.tensor(0))  # half-life 0: copy the model
+    torch.testing.assert_close(avg2[0], cur[0])

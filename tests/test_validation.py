@@ -109,8 +109,31 @@ def test_fuzz_shapes_dtypes_edges(batch, extra, dtype, edge, strategy, reduction
     out = mfl.MeanFlowLoss(jvp=strategy, reduction=reduction)(model, x, t=t, r=r)
     assert out.per_sample.shape == (batch,)
     assert out.loss.ndim == 0 and bool(torch.isfinite(out.loss))
-    assert out.t.dtype == dt
+    assert out.t.dtype == dt  # explicit times are used as given
     fm = mfl.FlowMatchingLoss(reduction=reduction)(model, x, t=t)
     assert fm.per_sample.shape == (batch,) and bool(torch.isfinite(fm.loss))
     s = mfl.sample(model, torch.randn(shape, generator=g).to(dt), steps=2)
     assert s.shape == shape and s.dtype == dt
+
+
+def test_value_checks_can_be_switched_off_in_a_block():
+    bad_t = torch.full((4,), 1.5)
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
+        mfl.FlowMatchingLoss()(_model(), torch.randn(4, 2), t=bad_t)
+    with mfl.value_checks(False):
+        mfl.FlowMatchingLoss()(_model(), torch.randn(4, 2), t=bad_t)  # no host sync, no check
+        with pytest.raises(ValueError, match=r"t must have shape"):  # shape checks always run
+            mfl.FlowMatchingLoss()(_model(), torch.randn(4, 2), t=torch.full((3,), 0.5))
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):  # restored after the block
+        mfl.FlowMatchingLoss()(_model(), torch.randn(4, 2), t=bad_t)
+
+
+def test_null_class_helper():
+    import pickle
+
+    fn = pickle.loads(pickle.dumps(mfl.null_class(10)))
+    assert fn({"y": torch.tensor([1, 2]), "s": 3})["y"].tolist() == [10, 10]
+    with pytest.raises(KeyError, match="'y'"):
+        fn({"label": torch.tensor([1])})
+    with pytest.raises(ValueError, match="num_classes"):
+        mfl.null_class(0)

@@ -287,7 +287,7 @@ class AlphaFlowLoss:
             target = target.index_copy(0, idx, tgt_j.detach())
 
         u = check_model_output(model(b.z, b.r, b.t, **kw), b.z)
-        sq = reduce_data_dims(upcast(u - target.to(u.dtype)).square(), self.reduction)
+        sq = reduce_data_dims((upcast(u) - upcast(target)).square(), self.reduction)
         w = self.weighting(sq)
         scale = {"alpha": alpha, "inverse": 1.0 / alpha, "one": 1.0}[self.alpha_scale]
         if scale != 1.0:
@@ -315,7 +315,7 @@ class AlphaFlowLoss:
             # ||u - T||^2 = ||u - v~||^2 + 2 u.(v~ - T) + const: the MeanFlow split with (t - r) du/dt := v~ - T.
             gap = append_dims(torch.where(neq, b.t - b.r, torch.ones_like(b.t)), v_t).to(v_t.dtype)
             equiv_dudt = (v_t - target) / gap
-            decomposition = decomposition_terms(u, v_t.to(u.dtype), equiv_dudt.to(u.dtype), b.t, b.r, w, self.reduction)
+            decomposition = decomposition_terms(u, v_t, equiv_dudt, b.t, b.r, w, self.reduction)
         return LossOutput(
             loss=loss,
             per_sample=per_sample,

@@ -112,13 +112,15 @@ def prepare_batch(
     batch = x.shape[0]
     if t is None and r is not None:
         raise ValueError("r was given without t: pass t as well (r <= t)")
+    # times are drawn in at least float32: bf16 times would merge nearby r and t and distort t - r
+    tdtype = torch.promote_types(x.dtype, torch.float32)
     if t is None:
         if isinstance(times, TimePairSampler) and pairs:
-            pair = times.sample(batch, step=step, generator=generator, device=x.device, dtype=x.dtype)
+            pair = times.sample(batch, step=step, generator=generator, device=x.device, dtype=tdtype)
             t, r = pair.t, pair.r
         else:
             base = times.base if isinstance(times, TimePairSampler) else times
-            t = base.sample(batch, generator=generator, device=x.device, dtype=x.dtype)
+            t = base.sample(batch, generator=generator, device=x.device, dtype=tdtype)
             r = t
     else:
         t = check_times("t", t, batch).to(device=x.device)

@@ -96,7 +96,7 @@ class FlowMatchingLoss:
         tm = model if target_model is None else target_model
         g = apply_guidance(self.guidance, tm, b.z, b.t, b.v, b.model_kwargs, drop_mask=drop_mask, generator=generator)
         u = check_model_output(model(b.z, b.r, b.t, **g.model_kwargs), b.z)
-        sq = reduce_data_dims(upcast(u - g.v_tilde.to(u.dtype)).square(), self.reduction)
+        sq = reduce_data_dims((upcast(u) - upcast(g.v_tilde)).square(), self.reduction)
         w = self.weighting(sq)
         per_sample = w * sq
         loss = per_sample.mean()

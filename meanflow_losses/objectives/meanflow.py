@@ -75,8 +75,10 @@ def decomposition_terms(
         ``{"tfm": L_TFM, "fm_border": L_FM', "tcc": L_TCc}``, differentiable scalars with
         :math:`\nabla(L_{TFM} + L_{TCc}) = \nabla L_{MF}`.
     """
-    sq = reduce_data_dims(upcast(u - v_tilde).square(), reduction)
-    tcc = reduce_data_dims(upcast(2 * append_dims(t - r, u).to(u.dtype) * u * dudt.detach()), reduction)
+    u32 = upcast(u)
+    sq = reduce_data_dims((u32 - upcast(v_tilde)).square(), reduction)
+    gap = append_dims(t - r, u32).to(u32.dtype)
+    tcc = reduce_data_dims(2 * gap * u32 * upcast(dudt.detach()), reduction)
     eq = r == t
     n_eq = eq.sum().clamp_min(1)
     return {
@@ -243,7 +245,7 @@ class MeanFlowLoss:
             pred = upcast(u) + upcast(gap * dudt).detach()
             sq = reduce_data_dims((pred - upcast(v_t)).square(), self.reduction)
         else:
-            sq = reduce_data_dims(upcast(u - target.to(u.dtype)).square(), self.reduction)
+            sq = reduce_data_dims((upcast(u) - upcast(target)).square(), self.reduction)
         w = self.weighting(sq)
         if self.interval_weight is not None:
             w = torch.where(neq, w * self.interval_weight(b.t, b.r, step).to(w), w)
@@ -253,7 +255,7 @@ class MeanFlowLoss:
         per_sample = w * sq
         terms: dict[str, Tensor] = {}
         if u_aux is not None:
-            sq_aux = reduce_data_dims(upcast(u_aux - v_t.to(u_aux.dtype)).square(), self.reduction)
+            sq_aux = reduce_data_dims((upcast(u_aux) - upcast(v_t)).square(), self.reduction)
             w_aux = self.weighting(sq_aux)
             per_sample = per_sample + self.aux_velocity_weight * w_aux * sq_aux
             terms["aux_mse"] = sq_aux.detach().mean()
@@ -274,7 +276,7 @@ class MeanFlowLoss:
             terms["guided_frac"] = g.guided_mask.float().mean()
         decomposition = None
         if self.decompose:
-            decomposition = decomposition_terms(u, v_t.to(u.dtype), dudt.to(u.dtype), b.t, b.r, w, self.reduction)
+            decomposition = decomposition_terms(u, v_t, dudt, b.t, b.r, w, self.reduction)
         return LossOutput(
             loss=loss,
             per_sample=per_sample,

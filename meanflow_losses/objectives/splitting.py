@@ -186,7 +186,13 @@ class SplitMeanFlowLoss:
         """
         if t is None and r is None and isinstance(self.times, DyadicPairSampler):
             x = check_batch("x", x)
-            pair = self.times.sample(x.shape[0], step=step, generator=generator, device=x.device, dtype=x.dtype)
+            pair = self.times.sample(
+                x.shape[0],
+                step=step,
+                generator=generator,
+                device=x.device,
+                dtype=torch.promote_types(x.dtype, torch.float32),
+            )
             t, r = pair.t, pair.r
         b = prepare_batch(
             model,
@@ -232,7 +238,7 @@ class SplitMeanFlowLoss:
             target = target.index_copy(0, idx, tgt_j.detach())
 
         u = check_model_output(model(b.z, b.r, b.t, **kw), b.z)
-        sq = reduce_data_dims(upcast(u - target.to(u.dtype)).square(), self.reduction)
+        sq = reduce_data_dims((upcast(u) - upcast(target)).square(), self.reduction)
         w = self.weighting(sq)
         if self.interval_weight is not None:
             w = torch.where(neq, w * self.interval_weight(b.t, b.r, step).to(w), w)
