@@ -1,0 +1,1 @@
+"""Runnable examples for meanflow_losses (not part of the installed package)."""
