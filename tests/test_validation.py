@@ -137,3 +137,16 @@ def test_null_class_helper():
         fn({"label": torch.tensor([1])})
     with pytest.raises(ValueError, match="num_classes"):
         mfl.null_class(0)
+
+
+def test_every_objective_shares_the_call_signature():
+    import inspect
+
+    from meanflow_losses.objectives.base import COMMON_CALL_ARGS
+
+    for cls in (mfl.FlowMatchingLoss, mfl.MeanFlowLoss, mfl.AlphaFlowLoss, mfl.SplitMeanFlowLoss, mfl.ShortcutLoss):
+        params = inspect.signature(cls.__call__).parameters
+        missing = [
+            a for a in COMMON_CALL_ARGS if a not in params or params[a].kind is not inspect.Parameter.KEYWORD_ONLY
+        ]
+        assert not missing, (cls.__name__, missing)

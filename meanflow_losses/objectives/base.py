@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -24,11 +24,47 @@ from meanflow_losses.adapters import check_protocol
 from meanflow_losses.conventions import conditional_velocity, interpolate
 from meanflow_losses.times import TimePairSampler, TimeSampler
 
-__all__ = ["Batch", "LossOutput", "PerRowWeight", "prepare_batch"]
+__all__ = ["COMMON_CALL_ARGS", "Batch", "LossOutput", "Objective", "PerRowWeight", "prepare_batch"]
 
 #: A per-row weight strategy: ``(t, r, step) -> (B,)`` multiplier (for example Min-SNR or the progressive
 #: interval weight of Kim et al.).
 PerRowWeight = Callable[[Tensor, Tensor, "int | None"], Tensor]
+
+
+#: Keyword arguments every objective's ``__call__`` accepts, so a trainer can call any of them alike.
+COMMON_CALL_ARGS: tuple[str, ...] = (
+    "model_kwargs",
+    "target_model",
+    "t",
+    "r",
+    "noise",
+    "v_target",
+    "drop_mask",
+    "generator",
+    "step",
+)
+
+
+class Objective(Protocol):
+    """The call signature shared by every objective (extra draws such as ``lam`` may follow)."""
+
+    def __call__(
+        self,
+        model: Any,
+        x: Tensor,
+        *,
+        model_kwargs: dict[str, Any] | None = None,
+        target_model: Any = None,
+        t: Tensor | None = None,
+        r: Tensor | None = None,
+        noise: Tensor | None = None,
+        v_target: Tensor | None = None,
+        drop_mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        step: int | None = None,
+    ) -> LossOutput:
+        """Compute the loss on a batch ``x`` of shape ``(B, *D)``."""
+        ...
 
 
 @dataclass
