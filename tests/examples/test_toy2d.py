@@ -1,0 +1,171 @@
+"""Smoke and unit tests of the toy 2-D example (tiny sizes, CPU, a few seconds in all)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from examples.toy2d import datasets, registry
+from examples.toy2d.metrics import energy_distance, sliced_w2
+from examples.toy2d.nets import SinusoidalEmbedding, VelocityMLP
+from examples.toy2d.train import TrainConfig, main, train
+
+TINY = dict(
+    steps=3,
+    batch=64,
+    width=32,
+    depth=2,
+    emb_dim=8,
+    eval_points=256,
+    energy_points=128,
+    eval_steps=(1, 2),
+    progress=False,
+    log_every=1,
+)
+
+
+@pytest.mark.parametrize("name", sorted(datasets.DATASETS))
+def test_datasets_shapes_labels_and_determinism(name):
+    x, y = datasets.sample(name, 500, torch.Generator().manual_seed(0))
+    x2, _ = datasets.sample(name, 500, torch.Generator().manual_seed(0))
+    assert x.shape == (500, 2) and x.dtype == torch.float32 and y.shape == (500,) and y.dtype == torch.long
+    assert torch.isfinite(x).all() and x.abs().max() < 4
+    assert 0 <= int(y.min()) and int(y.max()) < max(1, datasets.NUM_CLASSES[name])
+    assert torch.equal(x, x2)
+
+
+def test_checkerboard_precision():
+    g = torch.Generator().manual_seed(0)
+    x, _ = datasets.sample("checkerboard", 4000, g)
+    assert datasets.checkerboard_precision(x) == 1.0
+    blur = 4 * torch.rand(4000, 2, generator=g) - 2
+    assert datasets.checkerboard_precision(blur) == pytest.approx(0.5, abs=0.03)
+    assert datasets.checkerboard_precision(x + 10) == 0.0
+
+
+def test_dataset_errors_name_the_argument():
+    with pytest.raises(ValueError, match="dataset="):
+        datasets.sample("nope", 3)
+    with pytest.raises(ValueError, match="n must"):
+        datasets.sample("checkerboard", 0)
+
+
+def test_metrics_zero_on_identical_sets_and_known_shift():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2000, 2, generator=g)
+    assert sliced_w2(a, a) == pytest.approx(0.0, abs=1e-12)
+    b = torch.randn(2000, 2, generator=g)
+    assert abs(energy_distance(a, b)) < 0.01  # same law: zero up to sampling noise
+    # a shift by s along a unit direction: the projected W2 is |s cos(angle)|, so SW2 = s / sqrt(2) in 2-D
+    shift = torch.tensor([1.0, 0.0])
+    assert sliced_w2(a, a + shift, projections=2048) == pytest.approx(1 / math.sqrt(2), rel=0.03)
+    assert energy_distance(a, a + shift) > 0.3
+    assert sliced_w2(a[:1500], a + shift) > 0.5  # unequal sizes are allowed
+    with pytest.raises(ValueError, match="same d"):
+        sliced_w2(a, torch.zeros(5, 3))
+
+
+def test_velocity_mlp_protocol_and_low_frequency_embedding():
+    emb = SinusoidalEmbedding(16, max_freq=8.0)
+    assert float(emb.freqs.max()) == pytest.approx(8.0)
+    net = VelocityMLP(hidden=32, depth=2, emb_dim=8, num_classes=3)
+    z, t = torch.randn(5, 2), torch.rand(5)
+    assert net(z, t * 0.5, t, y=torch.tensor([0, 1, 2, 3, 0])).shape == (5, 2)
+    assert net(z, t, t).shape == (5, 2)  # y omitted = the null class
+
+
+@pytest.mark.parametrize("method", sorted(registry.METHODS))
+def test_every_method_trains_end_to_end(method, tmp_path):
+    cfg = TrainConfig(method=method, out=str(tmp_path / method), figures=False, **TINY)
+    try:
+        rec = train(cfg)
+    except registry.MethodUnavailable as err:
+        pytest.skip(str(err))
+    assert set(rec["metrics"]) == {"1", "2"}
+    assert all(math.isfinite(m["sw2"]) and math.isfinite(m["energy"]) for m in rec["metrics"].values())
+    saved = json.loads((tmp_path / method / "metrics.json").read_text())
+    assert saved["metrics"] == rec["metrics"] and len(saved["history"]["loss"]) == 3
+    assert (tmp_path / method / "checkpoint.pt").exists()
+
+
+def test_cli_meanflow_with_ema_schedule_figures_and_conflict(tmp_path, capsys):
+    out = tmp_path / "run"
+    rec = main(
+        [
+            "--method",
+            "meanflow",
+            "--steps",
+            "4",
+            "--batch",
+            "64",
+            "--width",
+            "32",
+            "--depth",
+            "2",
+            "--eval-points",
+            "256",
+            "--energy-points",
+            "128",
+            "--eval-steps",
+            "1",
+            "2",
+            "4",
+            "--ema",
+            "0.9",
+            "--lr-schedule",
+            "cosine",
+            "--warmup",
+            "2",
+            "--conflict-every",
+            "2",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
+    assert "sliced W2" in capsys.readouterr().out
+    assert "metrics_online" in rec
+    for name in ("samples.png", "trajectories.png", "training.png", "metrics.json", "checkpoint.pt"):
+        assert (out / name).stat().st_size > 0, name
+    if "conflict" in rec:  # needs meanflow_losses.diagnostics (issue 3)
+        assert (out / "conflict.png").exists() and len(rec["conflict"]["steps"]) == 2
+
+
+def test_class_mixture_with_training_guidance(tmp_path):
+    cfg = TrainConfig(method="meanflow", dataset="mixture", kappa=0.5, out=None, figures=False, **TINY)
+    assert cfg.num_classes == 4 and cfg.guidance() is not None
+    rec = train(cfg)
+    assert math.isfinite(rec["metrics"]["1"]["sw2"])
+
+
+def test_alpha_schedule_is_logged(tmp_path):
+    cfg = TrainConfig(method="alphaflow", alpha_end=0.5, out=None, figures=False, **TINY)
+    try:
+        rec = train(cfg)
+    except registry.MethodUnavailable as err:
+        pytest.skip(str(err))
+    alpha = rec["history"]["alpha"]
+    assert alpha[0] == pytest.approx(1.0, abs=1e-6) and alpha[-1] <= alpha[0]
+
+
+def test_unknown_or_missing_methods_fail_clearly():
+    with pytest.raises(ValueError, match="method="):
+        TrainConfig(method="nope")
+    with pytest.raises(registry.MethodUnavailable, match=r"meanflow_losses\.NoSuchLoss"):
+        registry.need("NoSuchLoss", "demo")
+    with pytest.raises(SystemExit):
+        main(["--method", "nope"])
+
+
+def test_reuse_reevaluates_a_finished_run_without_training(tmp_path):
+    cfg = TrainConfig(method="meanflow", out=str(tmp_path), figures=False, **TINY)
+    first = train(cfg)
+    again = train(replace(cfg, eval_points=300), reuse=True)
+    assert again.get("reevaluated") and again["history"]["loss"] == first["history"]["loss"]
+    assert again["train_seconds"] == first["train_seconds"]
+    changed = train(replace(cfg, lr=1e-4), reuse=True)
+    assert not changed.get("reevaluated")
