@@ -33,11 +33,19 @@ import torch
 from torch import Tensor
 
 from meanflow_losses._validate import check_model_output, select_rows
-from meanflow_losses.adapters import ignores_r
 from meanflow_losses.conventions import append_dims
 from meanflow_losses.guidance import TrainingGuidance, apply_guidance
 from meanflow_losses.jvp import check_strategy
-from meanflow_losses.objectives.base import LossOutput, PerRowWeight, masked_mean, prepare_batch, rows, upcast
+from meanflow_losses.objectives.base import (
+    LossOutput,
+    PerRowWeight,
+    apply_row_weights,
+    check_uses_r,
+    masked_mean,
+    prepare_batch,
+    rows,
+    upcast,
+)
 from meanflow_losses.objectives.meanflow import MeanFlowLoss, decomposition_terms
 from meanflow_losses.times import TimePairSampler
 from meanflow_losses.weighting import AdaptiveWeight, check_reduction, reduce_data_dims
@@ -263,11 +271,7 @@ class AlphaFlowLoss:
         neq = b.r != b.t
         idx = rows(neq)
         n_j = idx.numel()
-        if n_j > 0 and (ignores_r(model) or ignores_r(tm)):
-            raise ValueError(
-                "model ignores r (a flow-matching network wrapped by from_velocity_net) but the batch has "
-                "rows with r != t: alpha-Flow needs a network of (z, r, t); use from_interval_net or r = t"
-            )
+        check_uses_r(model, tm, n_j, "alpha-Flow")
 
         target = v_t.detach()
         if n_j > 0:
@@ -292,11 +296,7 @@ class AlphaFlowLoss:
         scale = {"alpha": alpha, "inverse": 1.0 / alpha, "one": 1.0}[self.alpha_scale]
         if scale != 1.0:
             w = torch.where(neq, w * scale, w)
-        if self.interval_weight is not None:
-            w = torch.where(neq, w * self.interval_weight(b.t, b.r, step).to(w), w)
-        if self.velocity_weight is not None:
-            w = torch.where(neq, w, w * self.velocity_weight(b.t, b.r, step).to(w))
-        w = w.detach()
+        w = apply_row_weights(w, neq, b.t, b.r, step, self.interval_weight, self.velocity_weight)
         per_sample = w * sq
         loss = per_sample.mean()
         terms: dict[str, Tensor] = {

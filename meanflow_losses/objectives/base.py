@@ -20,7 +20,7 @@ from meanflow_losses._validate import (
     check_same_shape,
     check_times,
 )
-from meanflow_losses.adapters import check_protocol
+from meanflow_losses.adapters import check_protocol, ignores_r
 from meanflow_losses.conventions import conditional_velocity, interpolate
 from meanflow_losses.times import TimePairSampler, TimeSampler
 
@@ -192,3 +192,49 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
 def upcast(x: Tensor) -> Tensor:
     """Cast half-precision tensors to float32 for the loss arithmetic; leave float32/float64 alone."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def check_uses_r(model: Any, target_model: Any, n_interval_rows: int, objective: str) -> None:
+    """Refuse a network that ignores ``r`` when the batch has rows with ``r != t``.
+
+    Args:
+        model: The network called with gradient.
+        target_model: The network of the no-grad passes.
+        n_interval_rows: Number of rows with ``r != t``.
+        objective: Name used in the message (e.g. ``"MeanFlow"``).
+    """
+    if n_interval_rows > 0 and (ignores_r(model) or ignores_r(target_model)):
+        raise ValueError(
+            "model ignores r (a flow-matching network wrapped by from_velocity_net) but the batch has "
+            f"rows with r != t: {objective} needs a network of (z, r, t); use from_interval_net or r = t"
+        )
+
+
+def apply_row_weights(
+    w: Tensor,
+    neq: Tensor,
+    t: Tensor,
+    r: Tensor,
+    step: int | None,
+    interval_weight: PerRowWeight | None,
+    velocity_weight: PerRowWeight | None,
+) -> Tensor:
+    """Multiply per-sample weights by the optional per-row hooks.
+
+    Args:
+        w: Weights after the adaptive normalization, shape ``(B,)``.
+        neq: Rows with ``r != t``, bool ``(B,)``.
+        t: Start times ``(B,)``.
+        r: End times ``(B,)``.
+        step: Training step passed to the hooks.
+        interval_weight: ``(t, r, step) -> (B,)`` applied on ``r != t`` rows.
+        velocity_weight: ``(t, r, step) -> (B,)`` applied on ``r = t`` rows.
+
+    Returns:
+        Detached weights, shape ``(B,)``.
+    """
+    if interval_weight is not None:
+        w = torch.where(neq, w * interval_weight(t, r, step).to(w), w)
+    if velocity_weight is not None:
+        w = torch.where(neq, w, w * velocity_weight(t, r, step).to(w))
+    return w.detach()

@@ -32,13 +32,14 @@ import torch
 from torch import Tensor
 
 from meanflow_losses._validate import check_model_output, select_rows
-from meanflow_losses.adapters import ignores_r
 from meanflow_losses.conventions import append_dims
 from meanflow_losses.guidance import TrainingGuidance, apply_guidance
 from meanflow_losses.jvp import check_strategy, time_derivative
 from meanflow_losses.objectives.base import (
     LossOutput,
     PerRowWeight,
+    apply_row_weights,
+    check_uses_r,
     masked_mean,
     prepare_batch,
     rows,
@@ -191,11 +192,7 @@ class MeanFlowLoss:
         neq = b.r != b.t
         idx = rows(neq)
         n_j = idx.numel()
-        if n_j > 0 and (ignores_r(model) or ignores_r(tm)):
-            raise ValueError(
-                "model ignores r (a flow-matching network wrapped by from_velocity_net) but the batch has "
-                "rows with r != t: MeanFlow needs a network of (z, r, t); use from_interval_net or r = t"
-            )
+        check_uses_r(model, tm, n_j, "MeanFlow")
 
         dudt = torch.zeros_like(v_t)
         u_joint: Tensor | None = None
@@ -247,11 +244,7 @@ class MeanFlowLoss:
         else:
             sq = reduce_data_dims((upcast(u) - upcast(target)).square(), self.reduction)
         w = self.weighting(sq)
-        if self.interval_weight is not None:
-            w = torch.where(neq, w * self.interval_weight(b.t, b.r, step).to(w), w)
-        if self.velocity_weight is not None:
-            w = torch.where(neq, w, w * self.velocity_weight(b.t, b.r, step).to(w))
-        w = w.detach()
+        w = apply_row_weights(w, neq, b.t, b.r, step, self.interval_weight, self.velocity_weight)
         per_sample = w * sq
         terms: dict[str, Tensor] = {}
         if u_aux is not None:
