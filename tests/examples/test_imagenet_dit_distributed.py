@@ -138,7 +138,13 @@ def worker(out_dir):
             grads, params = one_step(objective, info, rows, strategy)
             if rank == 0:
                 torch.save({"grads": grads, "params": params}, Path(out_dir) / f"{name}_{strategy}.pt")
+    dist.barrier()  # rank 0 has written every file before any rank tears gloo down
     dist.destroy_process_group()
+    # Skip interpreter shutdown: gloo's background threads occasionally abort in C++ static destructors
+    # ("terminate called without an active exception"), a teardown race unrelated to the results above.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.fixture(autouse=True, scope="module")
