@@ -1,8 +1,9 @@
 r"""Published training settings as ready objectives: alpha-Flow's ImageNet recipes and accelerated MeanFlow.
 
 alpha-Flow (Zhang et al., arXiv 2510.20771; official configs of snap-research/alphaflow), all with
-logit-normal(-0.4, 1.0) times, :math:`w = \alpha/(\|D\|^2 + 10^{-3})` with the MEAN reduction,
-:math:`\eta = 5\cdot 10^{-3}`, the sigmoid curriculum with :math:`\gamma = 25` and targets clipped to +-4:
+logit-normal(-0.4, 1.0) times (the ``r = t`` rows drawn on their own, ``equal_draw="single"``),
+:math:`w = \alpha/(\|D\|^2 + 10^{-3})` with the MEAN reduction, :math:`\eta = 5\cdot 10^{-3}`, the sigmoid
+curriculum with :math:`\gamma = 25` and targets clipped to +-4:
 
 ============  ============  ===================  ===========  =========================================
 preset        total steps   sigmoid window       r = t share  guidance (omega, kappa, interval, drop)
@@ -120,7 +121,8 @@ class AlphaFlowPreset:
         loss = AlphaFlowLoss(
             alpha=self.schedule(),
             eta=self.eta,
-            times=TimePairSampler("logit_normal", -0.4, 1.0, self.equal_fraction),
+            # official alpha-Flow code: the r = t rows get their own single logit-normal draw
+            times=TimePairSampler("logit_normal", -0.4, 1.0, self.equal_fraction, equal_draw="single"),
             weighting=AdaptiveWeight(p=1.0, c=self.c),
             reduction=self.reduction,
             target_clip=self.target_clip,

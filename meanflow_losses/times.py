@@ -8,7 +8,10 @@ A time sampler is a small frozen dataclass selected by name:
 
 :class:`TimePairSampler` draws two independent times, sorts them into ``t = max`` and ``r = min``, then sets
 ``r = t`` on a fixed number of rows, ``floor(equal_fraction * B)``, chosen by a random permutation (the
-official MeanFlow code also fixes the count per batch rather than flipping a coin per row).
+official MeanFlow code also fixes the count per batch rather than flipping a coin per row). Those ``r = t`` rows
+keep ``t = max(a, b)`` (``equal_draw="pair"``, the official MeanFlow code), whose density is skewed towards the
+noise end (``2t`` for uniform draws), or take a fresh single draw (``equal_draw="single"``, the official
+alpha-Flow code), so that the flow-matching rows see the base distribution itself.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -119,16 +123,21 @@ class TimePairSampler:
         mean: Logit-normal location.
         std: Logit-normal scale.
         equal_fraction: Share of rows with ``r = t`` (plain flow-matching rows). MeanFlow ImageNet: 0.75.
+        equal_draw: Times of the ``r = t`` rows: ``"pair"`` keeps ``t = max(a, b)`` (MeanFlow's code);
+            ``"single"`` redraws them from the base distribution (alpha-Flow's code).
     """
 
     name: str = "logit_normal"
     mean: float = -0.4
     std: float = 1.0
     equal_fraction: FractionLike = 0.75
+    equal_draw: Literal["pair", "single"] = "pair"
     base: TimeSampler = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "base", TimeSampler(self.name, self.mean, self.std))
+        if self.equal_draw not in ("pair", "single"):
+            raise ValueError(f"equal_draw must be 'pair' or 'single', got {self.equal_draw!r}")
         if not callable(self.equal_fraction):
             resolve_fraction(self.equal_fraction, None)
 
@@ -159,6 +168,10 @@ class TimePairSampler:
         if n_eq > 0:
             dev = generator.device if generator is not None else device
             perm = torch.randperm(batch_size, generator=generator, device=dev).to(t.device)
+            eq = perm[:n_eq]
             r = r.clone()
-            r[perm[:n_eq]] = t[perm[:n_eq]]
+            if self.equal_draw == "single":
+                t = t.clone()
+                t[eq] = _draw(self.name, self.mean, self.std, n_eq, generator, device, torch.float64).to(t.device)
+            r[eq] = t[eq]
         return TimePair(t=t.to(dtype), r=r.to(dtype))

@@ -50,7 +50,40 @@ def test_pair_sampler_scheduled_fraction_and_reproducibility():
     assert torch.equal(a.t, b.t) and torch.equal(a.r, b.r)
 
 
-@pytest.mark.parametrize("kwargs", [dict(name="beta"), dict(std=0.0), dict(equal_fraction=1.5)])
+def test_pair_sampler_equal_draw_single_gives_base_distribution_to_equal_rows():
+    g = torch.Generator().manual_seed(3)
+    n = 200_000
+    pair = mfl.TimePairSampler("uniform", equal_fraction=0.5).sample(n, generator=g, dtype=torch.float64)
+    single = mfl.TimePairSampler("uniform", equal_fraction=0.5, equal_draw="single").sample(
+        n, generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    )
+    for p in (pair, single):
+        assert int((p.r == p.t).sum()) == n // 2 and bool((p.r <= p.t).all())
+    eq_pair, eq_single = pair.t[pair.r == pair.t], single.t[single.r == single.t]
+    # "pair": the r = t rows keep t = max of two uniforms (mean 2/3, density 2t); "single": U(0, 1) (mean 1/2)
+    assert abs(eq_pair.mean().item() - 2 / 3) < 0.005
+    assert abs(eq_single.mean().item() - 0.5) < 0.005 and abs(eq_single.var().item() - 1 / 12) < 0.002
+    # r != t rows are the same sorted pairs in both modes (same stream up to the extra draw)
+    neq = single.r != single.t
+    assert abs(single.t[neq].mean().item() - 2 / 3) < 0.005 and abs(single.r[neq].mean().item() - 1 / 3) < 0.005
+    again = mfl.TimePairSampler("uniform", equal_fraction=0.5, equal_draw="single").sample(
+        n, generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    )
+    assert torch.equal(again.t, single.t) and torch.equal(again.r, single.r)
+
+
+def test_pair_sampler_equal_draw_single_logit_normal_moments():
+    pair = mfl.TimePairSampler("logit_normal", mean=-0.4, std=1.0, equal_fraction=1.0, equal_draw="single").sample(
+        200_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
+    assert torch.equal(pair.r, pair.t)
+    logit = torch.log(pair.t / (1 - pair.t))
+    assert abs(logit.mean().item() + 0.4) < 0.01 and abs(logit.std().item() - 1.0) < 0.01
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(name="beta"), dict(std=0.0), dict(equal_fraction=1.5), dict(equal_draw="fresh")]
+)
 def test_sampler_bad_options(kwargs):
     with pytest.raises(ValueError):
         mfl.TimePairSampler(**kwargs)

@@ -95,6 +95,7 @@ def test_b2_preset():
     assert af.guidance is None and af.reduction == "mean" and af.eta == 5e-3 and af.target_clip == 4.0
     assert af.weighting == mfl.AdaptiveWeight(p=1.0, c=1e-3)
     assert (af.times.name, af.times.mean, af.times.std, af.times.equal_fraction) == ("logit_normal", -0.4, 1.0, 0.5)
+    assert af.times.equal_draw == "single"  # official code: the r = t rows get their own draw
     assert af.alpha == Sigmoid(0, 400_000, gamma=25.0)
     assert af.regime_at(0) == "trajectory_fm" and af.regime_at(200_000) == "consistency"
     assert af.regime_at(400_000) == "meanflow"

@@ -58,7 +58,7 @@ class MethodSpec:
 
 def _pairs(cfg: TrainConfig) -> mfl.TimePairSampler:
     return mfl.TimePairSampler(cfg.time_dist, mean=cfg.time_mean, std=cfg.time_std,
-                               equal_fraction=cfg.resolved("equal_fraction"))
+                               equal_fraction=cfg.resolved("equal_fraction"), equal_draw=cfg.equal_draw)
 
 
 def _weight(cfg: TrainConfig) -> mfl.AdaptiveWeight:
@@ -71,9 +71,18 @@ def _fm(cfg: TrainConfig) -> Any:
                                 guidance=cfg.guidance())
 
 
-def _meanflow(cfg: TrainConfig, **extra: Any) -> Any:
+def _jvp_options(cfg: TrainConfig) -> dict[str, Any]:
+    opts: dict[str, Any] = {"jvp": cfg.jvp}
+    if cfg.tangent != "conditional":
+        opts["tangent"] = cfg.tangent
+    if cfg.aux_weight:
+        opts["aux_velocity_weight"] = cfg.aux_weight
+    return opts
+
+
+def _meanflow(cfg: TrainConfig) -> Any:
     return mfl.MeanFlowLoss(times=_pairs(cfg), weighting=_weight(cfg), reduction=cfg.reduction,
-                            guidance=cfg.guidance(), jvp=cfg.jvp, **extra)
+                            guidance=cfg.guidance(), **_jvp_options(cfg))
 
 
 def _alpha_schedule(cfg: TrainConfig, method: str) -> Any:
@@ -85,13 +94,13 @@ def _alpha_schedule(cfg: TrainConfig, method: str) -> Any:
 def _alphaflow(cfg: TrainConfig) -> Any:
     cls = need("AlphaFlowLoss", "alphaflow")
     return cls(alpha=_alpha_schedule(cfg, "alphaflow"), eta=cfg.eta, times=_pairs(cfg), weighting=_weight(cfg),
-               reduction=cfg.reduction, guidance=cfg.guidance(), jvp=cfg.jvp)
+               reduction=cfg.reduction, guidance=cfg.guidance(), **_jvp_options(cfg))
 
 
 def _kim(cfg: TrainConfig) -> Any:
     preset = need("presets.accelerated_meanflow", "kim")
     return preset(cfg.steps, times=_pairs(cfg), gamma=cfg.min_snr_gamma, k=cfg.kim_k, weighting=_weight(cfg),
-                  reduction=cfg.reduction, guidance=cfg.guidance(), jvp=cfg.jvp)
+                  reduction=cfg.reduction, guidance=cfg.guidance(), **_jvp_options(cfg))
 
 
 def _split(cfg: TrainConfig) -> Any:

@@ -59,10 +59,13 @@ class TrainConfig:
     time_mean: float = -0.4
     time_std: float = 1.0
     equal_fraction: float | None = None  # share of r = t rows (None: the method's default)
+    equal_draw: str = "pair"  # times of the r = t rows: pair (t = max of two draws, MeanFlow) | single (alpha-Flow)
     weight_p: float = 0.0  # adaptive weight 1 / (||D||^2 + c)^p; 0 = plain squared error (papers: 1)
     weight_c: float = 1e-3
     reduction: str = "mean"  # sum | mean over data dims
     jvp: str = "nograd"
+    tangent: str = "conditional"  # JVP tangent: conditional (e - x, MeanFlow) | model (u(z, t, t), iMF)
+    aux_weight: float = 0.0  # iMF auxiliary instantaneous-velocity loss weight (0: off)
     # alpha-Flow: sigmoid curriculum from alpha = 1 at alpha_start * steps to 0 at alpha_end * steps
     alpha_start: float = 0.0
     alpha_end: float = 1.0
@@ -106,6 +109,17 @@ class TrainConfig:
             raise ValueError(f"lr_schedule must be constant, cosine or linear, got {self.lr_schedule!r}")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema must be a decay in [0, 1), got {self.ema}")
+        if self.tangent not in ("conditional", "model"):
+            raise ValueError(f"tangent must be 'conditional' or 'model', got {self.tangent!r}")
+        jvp_methods = ("meanflow", "alphaflow", "kim")
+        if self.tangent != "conditional" and self.method not in jvp_methods:
+            raise ValueError(
+                f"tangent={self.tangent!r} needs a JVP objective {jvp_methods}, got method={self.method!r}"
+            )
+        if self.aux_weight < 0:
+            raise ValueError(f"aux_weight must be >= 0, got {self.aux_weight}")
+        if self.aux_weight > 0 and self.method not in ("meanflow", "kim"):
+            raise ValueError(f"aux_weight > 0 needs method 'meanflow' or 'kim', got method={self.method!r}")
         if not 0.0 <= self.alpha_start <= self.alpha_end:
             raise ValueError(f"need 0 <= alpha_start <= alpha_end, got {self.alpha_start}, {self.alpha_end}")
         self.guidance_interval = tuple(self.guidance_interval)  # type: ignore[assignment]
@@ -435,10 +449,14 @@ HELP: dict[str, str] = {
     "time_mean": "logit-normal mean",
     "time_std": "logit-normal std",
     "equal_fraction": "share of r = t rows (default: the method's, 0.5)",
+    "equal_draw": "times of the r = t rows: pair (t = max of the two draws, MeanFlow's code) or single (a fresh "
+                  "draw, alpha-Flow's code)",
     "weight_p": "adaptive weight power p of 1 / (||D||^2 + c)^p; 0 = plain squared error (MeanFlow paper: 1)",
     "weight_c": "adaptive weight constant c",
     "reduction": "sum or mean of the squared error over data dims",
     "jvp": "JVP strategy: nograd, joint or finite_difference",
+    "tangent": "JVP tangent: conditional (e - x, MeanFlow) or model (the network's u(z, t, t), improved MeanFlow)",
+    "aux_weight": "improved MeanFlow: weight of the auxiliary loss ||u(z, t, t) - v||^2 on every row (0: off)",
     "alpha_start": "alpha-Flow: sigmoid window start, as a fraction of steps (alpha = 1 before)",
     "alpha_end": "alpha-Flow: sigmoid window end, as a fraction of steps (alpha = 0 after)",
     "alpha_gamma": "alpha-Flow: sigmoid steepness",

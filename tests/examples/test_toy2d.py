@@ -169,3 +169,33 @@ def test_reuse_reevaluates_a_finished_run_without_training(tmp_path):
     assert again["train_seconds"] == first["train_seconds"]
     changed = train(replace(cfg, lr=1e-4), reuse=True)
     assert not changed.get("reevaluated")
+
+
+def test_improved_meanflow_options_reach_the_objective(tmp_path):
+    cfg = TrainConfig(method="meanflow", tangent="model", aux_weight=0.5, equal_draw="single", out=None,
+                      figures=False, **TINY)
+    obj = registry.build_objective(cfg)
+    assert (obj.tangent, obj.aux_velocity_weight, obj.times.equal_draw) == ("model", 0.5, "single")
+    rec = train(cfg)
+    assert math.isfinite(rec["metrics"]["1"]["sw2"])
+    af = registry.build_objective(replace(cfg, method="alphaflow", aux_weight=0.0))
+    assert af.tangent == "model" and af.times.equal_draw == "single"
+    # defaults leave the plain MeanFlow objective untouched
+    plain = registry.build_objective(TrainConfig(method="meanflow", out=None, **TINY))
+    assert (plain.tangent, plain.aux_velocity_weight, plain.times.equal_draw) == ("conditional", 0.0, "pair")
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(method="fm", tangent="model"), "tangent='model' needs a JVP objective"),
+        (dict(method="splitmeanflow", tangent="model"), "tangent='model' needs a JVP objective"),
+        (dict(method="meanflow", tangent="teacher"), "tangent must be"),
+        (dict(method="alphaflow", aux_weight=1.0), "aux_weight > 0 needs method"),
+        (dict(method="meanflow", aux_weight=-1.0), "aux_weight must be >= 0"),
+        (dict(method="meanflow", equal_draw="fresh"), "equal_draw must be"),
+    ],
+)
+def test_jvp_option_errors_name_the_option(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        registry.build_objective(TrainConfig(out=None, **{**TINY, **kwargs}))
