@@ -34,16 +34,14 @@ from torch import Tensor
 
 from meanflow_losses._validate import check_model_output, select_rows
 from meanflow_losses.conventions import append_dims
-from meanflow_losses.guidance import TrainingGuidance, apply_guidance
+from meanflow_losses.guidance import TrainingGuidance
 from meanflow_losses.jvp import check_strategy
 from meanflow_losses.objectives.base import (
     LossOutput,
     PerRowWeight,
     apply_row_weights,
-    check_uses_r,
-    masked_mean,
-    prepare_batch,
-    rows,
+    base_terms,
+    start_step,
     upcast,
 )
 from meanflow_losses.objectives.meanflow import MeanFlowLoss, decomposition_terms
@@ -252,26 +250,24 @@ class AlphaFlowLoss:
         generator: torch.Generator | None,
         step: int | None,
     ) -> LossOutput:
-        b = prepare_batch(
+        gb = start_step(
             model,
             x,
             self.times,
+            self.guidance,
+            objective="alpha-Flow",
             model_kwargs=model_kwargs,
+            target_model=target_model,
             t=t,
             r=r,
             noise=noise,
             v_target=v_target,
+            drop_mask=drop_mask,
             generator=generator,
             step=step,
         )
-        tm = model if target_model is None else target_model
-        batch = b.x.shape[0]
-        g = apply_guidance(self.guidance, tm, b.z, b.t, b.v, b.model_kwargs, drop_mask=drop_mask, generator=generator)
-        v_t, kw = g.v_tilde, g.model_kwargs
-        neq = b.r != b.t
-        idx = rows(neq)
-        n_j = idx.numel()
-        check_uses_r(model, tm, n_j, "alpha-Flow")
+        b, tm, v_t, kw, neq, idx = gb.b, gb.target_model, gb.v_tilde, gb.model_kwargs, gb.neq, gb.idx
+        batch, n_j = b.x.shape[0], idx.numel()
 
         target = v_t.detach()
         if n_j > 0:
@@ -299,17 +295,7 @@ class AlphaFlowLoss:
         w = apply_row_weights(w, neq, b.t, b.r, step, self.interval_weight, self.velocity_weight)
         per_sample = w * sq
         loss = per_sample.mean()
-        terms: dict[str, Tensor] = {
-            "loss": loss.detach(),
-            "mse": sq.detach().mean(),
-            "weight_mean": w.mean(),
-            "fm_mse": masked_mean(sq, ~neq),
-            "mf_mse": masked_mean(sq, neq),
-            "frac_equal": (~neq).float().mean(),
-        }
-        if self.guidance is not None:
-            terms["drop_frac"] = g.drop_mask.float().mean()
-            terms["guided_frac"] = g.guided_mask.float().mean()
+        terms = base_terms(loss, sq, w, gb, guided=self.guidance is not None)
         decomposition = None
         if self.decompose:
             # ||u - T||^2 = ||u - v~||^2 + 2 u.(v~ - T) + const: the MeanFlow split with (t - r) du/dt := v~ - T.

@@ -22,9 +22,20 @@ from meanflow_losses._validate import (
 )
 from meanflow_losses.adapters import check_protocol, ignores_r
 from meanflow_losses.conventions import conditional_velocity, interpolate
+from meanflow_losses.guidance import GuidanceResult, TrainingGuidance, apply_guidance
 from meanflow_losses.times import TimePairSampler, TimeSampler
 
-__all__ = ["COMMON_CALL_ARGS", "Batch", "LossOutput", "Objective", "PerRowWeight", "prepare_batch"]
+__all__ = [
+    "COMMON_CALL_ARGS",
+    "Batch",
+    "GuidedBatch",
+    "LossOutput",
+    "Objective",
+    "PerRowWeight",
+    "base_terms",
+    "prepare_batch",
+    "start_step",
+]
 
 #: A per-row weight strategy: ``(t, r, step) -> (B,)`` multiplier (for example Min-SNR or the progressive
 #: interval weight of Kim et al.).
@@ -175,6 +186,128 @@ def prepare_batch(
     else:
         v = check_same_shape("v_target", v_target, "x", x).detach()
     return Batch(x=x, noise=noise, t=t, r=r, z=z, v=v, model_kwargs=kw)
+
+
+@dataclass
+class GuidedBatch:
+    """What every objective's step starts from: the validated batch after training-time guidance.
+
+    Attributes:
+        b: The validated :class:`Batch`.
+        target_model: Module of the no-grad passes (``model`` unless one was given).
+        v_tilde: Guided target velocity ``(B, *D)`` (``b.v`` without guidance).
+        model_kwargs: Conditioning after condition dropout.
+        guidance: The :class:`~meanflow_losses.guidance.GuidanceResult` (masks for logging).
+        neq: Rows with ``r != t``, bool ``(B,)``.
+        idx: Their indices, ``(n,)``.
+    """
+
+    b: Batch
+    target_model: Any
+    v_tilde: Tensor
+    model_kwargs: dict[str, Any]
+    guidance: GuidanceResult
+    neq: Tensor
+    idx: Tensor
+
+
+def start_step(
+    model: Any,
+    x: Tensor,
+    times: TimeSampler | TimePairSampler,
+    guidance: TrainingGuidance | None,
+    *,
+    objective: str,
+    model_kwargs: Any = None,
+    target_model: Any = None,
+    t: Tensor | None = None,
+    r: Tensor | None = None,
+    noise: Tensor | None = None,
+    v_target: Tensor | None = None,
+    drop_mask: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    step: int | None = None,
+    needs_r: bool = True,
+) -> GuidedBatch:
+    """The shared start of a training step: validate, draw, guide, split the rows.
+
+    :func:`prepare_batch`, then :func:`~meanflow_losses.guidance.apply_guidance`, then the split into ``r = t``
+    and ``r != t`` rows.
+
+    Args:
+        model: Network called with gradient.
+        x: Data ``(B, *D)``.
+        times: Sampler for missing times.
+        guidance: Training-time guidance or ``None``.
+        objective: Name used in error messages (e.g. ``"MeanFlow"``).
+        model_kwargs: Conditioning dict or ``None``.
+        target_model: Module of the no-grad passes; defaults to ``model``.
+        t: Optional start times ``(B,)``.
+        r: Optional end times ``(B,)``.
+        noise: Optional noise ``(B, *D)``.
+        v_target: Optional velocity ``(B, *D)`` replacing ``e - x``.
+        drop_mask: Optional explicit condition-dropout rows, bool ``(B,)``.
+        generator: Random generator for every draw.
+        step: Training step.
+        needs_r: Refuse a network that ignores ``r`` when the batch has ``r != t`` rows
+            (:func:`check_uses_r`).
+    """
+    b = prepare_batch(
+        model,
+        x,
+        times,
+        model_kwargs=model_kwargs,
+        t=t,
+        r=r,
+        noise=noise,
+        v_target=v_target,
+        generator=generator,
+        step=step,
+    )
+    tm = model if target_model is None else target_model
+    g = apply_guidance(guidance, tm, b.z, b.t, b.v, b.model_kwargs, drop_mask=drop_mask, generator=generator)
+    neq = b.r != b.t
+    idx = rows(neq)
+    if needs_r:
+        check_uses_r(model, tm, idx.numel(), objective)
+    return GuidedBatch(
+        b=b, target_model=tm, v_tilde=g.v_tilde, model_kwargs=g.model_kwargs, guidance=g, neq=neq, idx=idx
+    )
+
+
+def base_terms(
+    loss: Tensor,
+    sq: Tensor,
+    w: Tensor,
+    gb: GuidedBatch,
+    guided: bool,
+    split_rows: bool = True,
+    interval_key: str = "mf_mse",
+) -> dict[str, Tensor]:
+    """The logging terms every objective reports (detached 0-dim tensors).
+
+    Args:
+        loss: The scalar loss.
+        sq: Unweighted per-sample squared errors ``(B,)``.
+        w: Per-sample weights ``(B,)``.
+        gb: The step's :class:`GuidedBatch`.
+        guided: Whether the objective has guidance (adds ``drop_frac`` and ``guided_frac``).
+        split_rows: Add ``fm_mse`` (``r = t`` rows), the ``r != t`` rows' error under ``interval_key`` and
+            ``frac_equal``.
+        interval_key: Name of the ``r != t`` rows' error (``"mf_mse"``; ``"split_mse"`` for interval splitting).
+
+    Returns:
+        ``loss``, ``mse``, ``weight_mean`` and the optional terms above.
+    """
+    terms: dict[str, Tensor] = {"loss": loss.detach(), "mse": sq.detach().mean(), "weight_mean": w.detach().mean()}
+    if split_rows:
+        terms["fm_mse"] = masked_mean(sq, ~gb.neq)
+        terms[interval_key] = masked_mean(sq, gb.neq)
+        terms["frac_equal"] = (~gb.neq).float().mean()
+    if guided:
+        terms["drop_frac"] = gb.guidance.drop_mask.float().mean()
+        terms["guided_frac"] = gb.guidance.guided_mask.float().mean()
+    return terms
 
 
 def rows(mask: Tensor) -> Tensor:

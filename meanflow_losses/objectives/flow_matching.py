@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from meanflow_losses._validate import check_model_output
-from meanflow_losses.guidance import TrainingGuidance, apply_guidance
-from meanflow_losses.objectives.base import LossOutput, prepare_batch, upcast
+from meanflow_losses.guidance import TrainingGuidance
+from meanflow_losses.objectives.base import LossOutput, base_terms, start_step, upcast
 from meanflow_losses.times import TimePairSampler, TimeSampler
 from meanflow_losses.weighting import AdaptiveWeight, check_reduction, reduce_data_dims
 
@@ -81,31 +81,28 @@ class FlowMatchingLoss:
         Returns:
             :class:`LossOutput` with terms ``loss``, ``mse``, ``weight_mean``.
         """
-        b = prepare_batch(
+        gb = start_step(
             model,
             x,
             self.times,
+            self.guidance,
+            objective="flow matching",
             model_kwargs=model_kwargs,
+            target_model=target_model,
             t=t,
             r=r,
             noise=noise,
             v_target=v_target,
+            drop_mask=drop_mask,
             generator=generator,
             step=step,
+            needs_r=False,
         )
-        tm = model if target_model is None else target_model
-        g = apply_guidance(self.guidance, tm, b.z, b.t, b.v, b.model_kwargs, drop_mask=drop_mask, generator=generator)
-        u = check_model_output(model(b.z, b.r, b.t, **g.model_kwargs), b.z)
-        sq = reduce_data_dims((upcast(u) - upcast(g.v_tilde)).square(), self.reduction)
+        b = gb.b
+        u = check_model_output(model(b.z, b.r, b.t, **gb.model_kwargs), b.z)
+        sq = reduce_data_dims((upcast(u) - upcast(gb.v_tilde)).square(), self.reduction)
         w = self.weighting(sq)
         per_sample = w * sq
         loss = per_sample.mean()
-        terms = {
-            "loss": loss.detach(),
-            "mse": sq.detach().mean(),
-            "weight_mean": w.mean(),
-        }
-        if self.guidance is not None:
-            terms["drop_frac"] = g.drop_mask.float().mean()
-            terms["guided_frac"] = g.guided_mask.float().mean()
+        terms = base_terms(loss, sq, w, gb, guided=self.guidance is not None, split_rows=False)
         return LossOutput(loss=loss, per_sample=per_sample, terms=terms, t=b.t, r=b.r)

@@ -33,16 +33,15 @@ from torch import Tensor
 
 from meanflow_losses._validate import check_model_output, select_rows
 from meanflow_losses.conventions import append_dims
-from meanflow_losses.guidance import TrainingGuidance, apply_guidance
+from meanflow_losses.guidance import TrainingGuidance
 from meanflow_losses.jvp import check_strategy, time_derivative
 from meanflow_losses.objectives.base import (
     LossOutput,
     PerRowWeight,
     apply_row_weights,
-    check_uses_r,
-    masked_mean,
-    prepare_batch,
+    base_terms,
     rows,
+    start_step,
     upcast,
 )
 from meanflow_losses.times import TimePairSampler
@@ -173,26 +172,24 @@ class MeanFlowLoss:
             :class:`LossOutput`; ``terms`` hold ``loss``, ``mse``, ``weight_mean``, ``fm_mse`` (``r = t``
             rows), ``mf_mse`` (``r != t`` rows), ``frac_equal`` and ``dudt_rms``.
         """
-        b = prepare_batch(
+        gb = start_step(
             model,
             x,
             self.times,
+            self.guidance,
+            objective="MeanFlow",
             model_kwargs=model_kwargs,
+            target_model=target_model,
             t=t,
             r=r,
             noise=noise,
             v_target=v_target,
+            drop_mask=drop_mask,
             generator=generator,
             step=step,
         )
-        tm = model if target_model is None else target_model
-        batch = b.x.shape[0]
-        g = apply_guidance(self.guidance, tm, b.z, b.t, b.v, b.model_kwargs, drop_mask=drop_mask, generator=generator)
-        v_t, kw = g.v_tilde, g.model_kwargs
-        neq = b.r != b.t
-        idx = rows(neq)
-        n_j = idx.numel()
-        check_uses_r(model, tm, n_j, "MeanFlow")
+        b, tm, v_t, kw, neq, idx = gb.b, gb.target_model, gb.v_tilde, gb.model_kwargs, gb.neq, gb.idx
+        batch, n_j = b.x.shape[0], idx.numel()
 
         dudt = torch.zeros_like(v_t)
         u_joint: Tensor | None = None
@@ -246,27 +243,16 @@ class MeanFlowLoss:
         w = self.weighting(sq)
         w = apply_row_weights(w, neq, b.t, b.r, step, self.interval_weight, self.velocity_weight)
         per_sample = w * sq
-        terms: dict[str, Tensor] = {}
+        aux_terms: dict[str, Tensor] = {}
         if u_aux is not None:
             sq_aux = reduce_data_dims((upcast(u_aux) - upcast(v_t)).square(), self.reduction)
             w_aux = self.weighting(sq_aux)
             per_sample = per_sample + self.aux_velocity_weight * w_aux * sq_aux
-            terms["aux_mse"] = sq_aux.detach().mean()
+            aux_terms["aux_mse"] = sq_aux.detach().mean()
         loss = per_sample.mean()
-        terms.update(
-            {
-                "loss": loss.detach(),
-                "mse": sq.detach().mean(),
-                "weight_mean": w.mean(),
-                "fm_mse": masked_mean(sq, ~neq),
-                "mf_mse": masked_mean(sq, neq),
-                "frac_equal": (~neq).float().mean(),
-                "dudt_rms": upcast(dudt).square().mean().sqrt().detach(),
-            }
-        )
-        if self.guidance is not None:
-            terms["drop_frac"] = g.drop_mask.float().mean()
-            terms["guided_frac"] = g.guided_mask.float().mean()
+        terms = base_terms(loss, sq, w, gb, guided=self.guidance is not None)
+        terms["dudt_rms"] = upcast(dudt).square().mean().sqrt().detach()
+        terms.update(aux_terms)
         decomposition = None
         if self.decompose:
             decomposition = decomposition_terms(u, v_t, dudt, b.t, b.r, w, self.reduction)

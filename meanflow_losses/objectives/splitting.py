@@ -33,15 +33,14 @@ from torch import Tensor
 
 from meanflow_losses._validate import check_batch, check_model_output, select_rows
 from meanflow_losses.conventions import append_dims
-from meanflow_losses.guidance import TrainingGuidance, apply_guidance
+from meanflow_losses.guidance import TrainingGuidance
 from meanflow_losses.objectives.base import (
     LossOutput,
     PerRowWeight,
     apply_row_weights,
-    check_uses_r,
+    base_terms,
     masked_mean,
-    prepare_batch,
-    rows,
+    start_step,
     upcast,
 )
 from meanflow_losses.times import TimePair, TimePairSampler, TimeSampler
@@ -202,26 +201,24 @@ class SplitMeanFlowLoss:
                 dtype=torch.promote_types(x.dtype, torch.float32),
             )
             t, r = pair.t, pair.r
-        b = prepare_batch(
+        gb = start_step(
             model,
             x,
             self.times if isinstance(self.times, TimePairSampler) else self.times.fm_times,
+            self.guidance,
+            objective="interval splitting",
             model_kwargs=model_kwargs,
+            target_model=target_model,
             t=t,
             r=r,
             noise=noise,
             v_target=v_target,
+            drop_mask=drop_mask,
             generator=generator,
             step=step,
         )
-        tm = model if target_model is None else target_model
-        batch = b.x.shape[0]
-        g = apply_guidance(self.guidance, tm, b.z, b.t, b.v, b.model_kwargs, drop_mask=drop_mask, generator=generator)
-        v_t, kw = g.v_tilde, g.model_kwargs
-        neq = b.r != b.t
-        idx = rows(neq)
-        n_j = idx.numel()
-        check_uses_r(model, tm, n_j, "interval splitting")
+        b, tm, v_t, kw, neq, idx = gb.b, gb.target_model, gb.v_tilde, gb.model_kwargs, gb.neq, gb.idx
+        batch, n_j = b.x.shape[0], idx.numel()
         lam_all = self._lam(lam, batch, n_j, idx, generator, b.t)
 
         target = v_t.detach()
@@ -247,18 +244,8 @@ class SplitMeanFlowLoss:
         w = apply_row_weights(w, neq, b.t, b.r, step, self.interval_weight, self.velocity_weight)
         per_sample = w * sq
         loss = per_sample.mean()
-        terms: dict[str, Tensor] = {
-            "loss": loss.detach(),
-            "mse": sq.detach().mean(),
-            "weight_mean": w.mean(),
-            "fm_mse": masked_mean(sq, ~neq),
-            "split_mse": masked_mean(sq, neq),
-            "frac_equal": (~neq).float().mean(),
-            "lam_mean": masked_mean(lam_all, neq),
-        }
-        if self.guidance is not None:
-            terms["drop_frac"] = g.drop_mask.float().mean()
-            terms["guided_frac"] = g.guided_mask.float().mean()
+        terms = base_terms(loss, sq, w, gb, guided=self.guidance is not None, interval_key="split_mse")
+        terms["lam_mean"] = masked_mean(lam_all, neq)
         return LossOutput(
             loss=loss,
             per_sample=per_sample,
