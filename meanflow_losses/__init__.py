@@ -18,6 +18,7 @@ from meanflow_losses.objectives import (
     ShortcutLoss,
     SplitMeanFlowLoss,
 )
+from meanflow_losses.registry import OBJECTIVES, make_objective, objective_class
 from meanflow_losses.sampling import make_grid, sample
 from meanflow_losses.times import TimePair, TimePairSampler, TimeSampler
 from meanflow_losses.weighting import AdaptiveWeight, MinSNRWeight, ProgressiveIntervalWeight
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "JVP_STRATEGIES",
+    "OBJECTIVES",
     "AdaptiveWeight",
     "AlphaFlowLoss",
     "DyadicPairSampler",
@@ -47,7 +49,9 @@ __all__ = [
     "ema",
     "interpolate",
     "make_grid",
+    "make_objective",
     "null_class",
+    "objective_class",
     "presets",
     "sample",
     "schedules",

@@ -5,8 +5,9 @@ never a silently ignored option. ``--set section.key=value`` on the command line
 TOML literals: ``--set optim.lr=2e-4 --set objective.times.equal_fraction=0.5 --set train.bf16=false``).
 
 The ``[objective]`` table is built by name from ``meanflow_losses``: ``type`` names a class of the package
-(``FlowMatchingLoss``, ``MeanFlowLoss``, ``AlphaFlowLoss``, or the aliases ``flow_matching``, ``meanflow``,
-``alphaflow``), the other keys are its constructor arguments, and every nested table with a ``type`` key is built
+(``FlowMatchingLoss``, ``MeanFlowLoss``, ``AlphaFlowLoss``, ...) or an objective name of
+``meanflow_losses.OBJECTIVES`` (``flow_matching``, ``meanflow``, ``alphaflow``, ``splitmeanflow``, ``shortcut``
+and their aliases), the other keys are its constructor arguments, and every nested table with a ``type`` key is built
 the same way (``TimePairSampler``, ``AdaptiveWeight``, ``TrainingGuidance``, ``schedules.Sigmoid``, ...). Keys are
 checked against the constructor's signature. ``null_condition = "null_class"`` stands for "replace the label
 by the null class index ``num_classes``".
@@ -39,14 +40,6 @@ __all__ = [
 ]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-
-OBJECTIVE_ALIASES = {
-    "flow_matching": "FlowMatchingLoss",
-    "fm": "FlowMatchingLoss",
-    "meanflow": "MeanFlowLoss",
-    "alphaflow": "AlphaFlowLoss",
-    "alpha_flow": "AlphaFlowLoss",
-}
 
 
 class ConfigError(ValueError):
@@ -275,7 +268,13 @@ def load_config(name_or_path: str | os.PathLike, overrides: list[str] | tuple[st
 def _resolve(type_name: str, where: str) -> Any:
     import meanflow_losses as mfl
 
-    name = OBJECTIVE_ALIASES.get(type_name, type_name)
+    registry = getattr(mfl, "objective_class", None)
+    if registry is not None and "." not in type_name:
+        try:  # an objective by name or alias ("meanflow", "fm", "MeanFlowLoss", ...): meanflow_losses.registry
+            return registry(type_name)
+        except ValueError:
+            pass
+    name = type_name
     obj: Any = mfl
     for part in name.split("."):
         nxt = getattr(obj, part, None)

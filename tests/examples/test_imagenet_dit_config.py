@@ -160,3 +160,20 @@ def test_readme_gives_a_launch_command_for_every_config():
     for name in list_configs():
         assert re.search(rf"torchrun .*-m examples\.imagenet_dit\.train --config {name}\b", readme), name
     assert "not yet measured" in readme or "measured on" in readme
+
+
+@pytest.mark.parametrize(
+    "type_name,cls",
+    [("meanflow", mfl.MeanFlowLoss), ("fm", mfl.FlowMatchingLoss), ("splitmeanflow", mfl.SplitMeanFlowLoss),
+     ("shortcut", mfl.ShortcutLoss), ("AlphaFlowLoss", mfl.AlphaFlowLoss)],
+)
+def test_objective_types_by_package_registry_name(type_name, cls):
+    spec = {"type": type_name, "times": {"type": "TimePairSampler", "equal_fraction": 0.5}}
+    if cls is mfl.AlphaFlowLoss:
+        spec["alpha"] = 0.5
+    if cls is mfl.ShortcutLoss:
+        spec["times"] = {"type": "DyadicPairSampler"}
+    obj = build_objective(spec, num_classes=10)
+    assert type(obj) is cls
+    with pytest.raises(ConfigError, match=r"needs meanflow_losses\.nosuchloss"):
+        build_objective({"type": "nosuchloss"}, num_classes=10)
