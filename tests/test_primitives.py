@@ -63,13 +63,27 @@ def test_pair_sampler_equal_draw_single_gives_base_distribution_to_equal_rows():
     # "pair": the r = t rows keep t = max of two uniforms (mean 2/3, density 2t); "single": U(0, 1) (mean 1/2)
     assert abs(eq_pair.mean().item() - 2 / 3) < 0.005
     assert abs(eq_single.mean().item() - 0.5) < 0.005 and abs(eq_single.var().item() - 1 / 12) < 0.002
-    # r != t rows are the same sorted pairs in both modes (same stream up to the extra draw)
+    # r != t rows are the same sorted pairs in both modes (the extra draw comes after the pairs and the permutation)
     neq = single.r != single.t
-    assert abs(single.t[neq].mean().item() - 2 / 3) < 0.005 and abs(single.r[neq].mean().item() - 1 / 3) < 0.005
+    assert torch.equal(neq, pair.r != pair.t)
+    assert torch.equal(single.t[neq], pair.t[neq]) and torch.equal(single.r[neq], pair.r[neq])
     again = mfl.TimePairSampler("uniform", equal_fraction=0.5, equal_draw="single").sample(
         n, generator=torch.Generator().manual_seed(3), dtype=torch.float64
     )
     assert torch.equal(again.t, single.t) and torch.equal(again.r, single.r)
+
+
+def test_pair_sampler_default_stream_is_pinned():
+    # values of the sampler as first released: equal_draw="pair" must keep a seeded step reproducible
+    p = mfl.TimePairSampler("uniform", equal_fraction=0.5).sample(
+        6, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
+    t = [0.9700530018065531, 0.707819864399788, 0.5813409198075745, 0.9207476841219603, 0.6450241201227648,
+         0.7911478921803037]
+    r = [0.9700530018065531, 0.3511076243939284, 0.5813409198075745, 0.9207476841219603, 0.4528688488811142,
+         0.17679952620371409]
+    torch.testing.assert_close(p.t, torch.tensor(t, dtype=torch.float64), rtol=0, atol=1e-15)
+    torch.testing.assert_close(p.r, torch.tensor(r, dtype=torch.float64), rtol=0, atol=1e-15)
 
 
 def test_pair_sampler_equal_draw_single_logit_normal_moments():

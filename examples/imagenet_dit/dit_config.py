@@ -272,8 +272,9 @@ def _resolve(type_name: str, where: str) -> Any:
     if registry is not None and "." not in type_name:
         try:  # an objective by name or alias ("meanflow", "fm", "MeanFlowLoss", ...): meanflow_losses.registry
             return registry(type_name)
-        except ValueError:
-            pass
+        except ValueError as err:
+            if type_name[:1].islower() and not hasattr(mfl, type_name):  # not a class either: a misspelt name
+                raise ConfigError(f"{where}: {err}") from None
     name = type_name
     obj: Any = mfl
     for part in name.split("."):

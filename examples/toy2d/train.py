@@ -116,6 +116,12 @@ class TrainConfig:
             raise ValueError(
                 f"tangent={self.tangent!r} needs a JVP objective {jvp_methods}, got method={self.method!r}"
             )
+        if self.equal_draw not in ("pair", "single"):
+            raise ValueError(f"equal_draw must be 'pair' or 'single', got {self.equal_draw!r}")
+        if self.equal_draw != "pair" and get_method(self.method).equal_fraction is None:
+            raise ValueError(
+                f"equal_draw={self.equal_draw!r} needs a method with r = t rows, got method={self.method!r}"
+            )
         if self.aux_weight < 0:
             raise ValueError(f"aux_weight must be >= 0, got {self.aux_weight}")
         if self.aux_weight > 0 and self.method not in ("meanflow", "kim"):
@@ -371,7 +377,11 @@ def load_finished(cfg: TrainConfig) -> tuple[torch.nn.Module, torch.nn.Module | 
         return None
     record = json.loads((out / "metrics.json").read_text())
     mine = json.loads(json.dumps(cfg.to_dict()))
-    if any(record["config"].get(k) != v for k, v in mine.items() if k not in (*EVAL_ONLY, "resolved")):
+    # an option added after a run was saved counts as having its default value there
+    defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(TrainConfig)
+                                      if f.default is not dataclasses.MISSING}))
+    saved = {**defaults, **record["config"]}
+    if any(saved.get(k) != v for k, v in mine.items() if k not in (*EVAL_ONLY, "resolved")):
         return None
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     model = build_model(cfg)

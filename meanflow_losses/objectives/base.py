@@ -6,6 +6,7 @@ the optional ``torch.Generator``. Everything is validated here, once, with error
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -199,7 +200,7 @@ class GuidedBatch:
         model_kwargs: Conditioning after condition dropout.
         guidance: The :class:`~meanflow_losses.guidance.GuidanceResult` (masks for logging).
         neq: Rows with ``r != t``, bool ``(B,)``.
-        idx: Their indices, ``(n,)``.
+        idx: Their indices, ``(n,)``; computed on first use (a device sync), so flow matching never pays for it.
     """
 
     b: Batch
@@ -208,7 +209,11 @@ class GuidedBatch:
     model_kwargs: dict[str, Any]
     guidance: GuidanceResult
     neq: Tensor
-    idx: Tensor
+
+    @functools.cached_property
+    def idx(self) -> Tensor:
+        """Indices of the ``r != t`` rows, ``(n,)``."""
+        return rows(self.neq)
 
 
 def start_step(
@@ -266,13 +271,10 @@ def start_step(
     )
     tm = model if target_model is None else target_model
     g = apply_guidance(guidance, tm, b.z, b.t, b.v, b.model_kwargs, drop_mask=drop_mask, generator=generator)
-    neq = b.r != b.t
-    idx = rows(neq)
+    gb = GuidedBatch(b=b, target_model=tm, v_tilde=g.v_tilde, model_kwargs=g.model_kwargs, guidance=g, neq=b.r != b.t)
     if needs_r:
-        check_uses_r(model, tm, idx.numel(), objective)
-    return GuidedBatch(
-        b=b, target_model=tm, v_tilde=g.v_tilde, model_kwargs=g.model_kwargs, guidance=g, neq=neq, idx=idx
-    )
+        check_uses_r(model, tm, gb.idx.numel(), objective)
+    return gb
 
 
 def base_terms(

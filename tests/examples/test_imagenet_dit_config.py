@@ -175,5 +175,7 @@ def test_objective_types_by_package_registry_name(type_name, cls):
         spec["times"] = {"type": "DyadicPairSampler"}
     obj = build_objective(spec, num_classes=10)
     assert type(obj) is cls
-    with pytest.raises(ConfigError, match=r"needs meanflow_losses\.nosuchloss"):
-        build_objective({"type": "nosuchloss"}, num_classes=10)
+    with pytest.raises(ConfigError, match=r"objective: objective 'meanflw' is unknown; known: alphaflow, flow_match"):
+        build_objective({"type": "meanflw"}, num_classes=10)
+    with pytest.raises(ConfigError, match=r"needs meanflow_losses\.NoSuchLoss"):
+        build_objective({"type": "NoSuchLoss"}, num_classes=10)

@@ -171,6 +171,18 @@ def test_reuse_reevaluates_a_finished_run_without_training(tmp_path):
     assert not changed.get("reevaluated")
 
 
+def test_reuse_accepts_a_run_saved_before_an_option_existed(tmp_path):
+    cfg = TrainConfig(method="meanflow", out=str(tmp_path), figures=False, **TINY)
+    train(cfg)
+    path = tmp_path / "metrics.json"
+    rec = json.loads(path.read_text())
+    for key in ("equal_draw", "tangent", "aux_weight"):  # options added later: absent = their default
+        del rec["config"][key]
+    path.write_text(json.dumps(rec))
+    assert train(replace(cfg, eval_points=300), reuse=True).get("reevaluated")
+    assert not train(replace(cfg, tangent="model"), reuse=True).get("reevaluated")
+
+
 def test_improved_meanflow_options_reach_the_objective(tmp_path):
     cfg = TrainConfig(method="meanflow", tangent="model", aux_weight=0.5, equal_draw="single", out=None,
                       figures=False, **TINY)
@@ -194,6 +206,7 @@ def test_improved_meanflow_options_reach_the_objective(tmp_path):
         (dict(method="alphaflow", aux_weight=1.0), "aux_weight > 0 needs method"),
         (dict(method="meanflow", aux_weight=-1.0), "aux_weight must be >= 0"),
         (dict(method="meanflow", equal_draw="fresh"), "equal_draw must be"),
+        (dict(method="fm", equal_draw="single"), "equal_draw='single' needs a method with r = t rows"),
     ],
 )
 def test_jvp_option_errors_name_the_option(kwargs, match):
