@@ -47,6 +47,8 @@ class MethodSpec:
         build: ``TrainConfig -> objective``.
         equal_fraction: Default share of ``r = t`` rows (``None``: the method draws ``t`` only).
         velocity_only: The network is a flow-matching velocity field: sample it as ``u(z, t, t)`` (Euler).
+        jvp: The objective takes the JVP options (``tangent``).
+        aux: The objective takes the auxiliary velocity loss (``aux_weight``).
     """
 
     name: str
@@ -54,6 +56,8 @@ class MethodSpec:
     build: Callable[[TrainConfig], Any]
     equal_fraction: float | None
     velocity_only: bool = False
+    jvp: bool = False
+    aux: bool = False
 
 
 def _pairs(cfg: TrainConfig) -> mfl.TimePairSampler:
@@ -113,9 +117,11 @@ METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
         MethodSpec("fm", "flow matching (sampled by Euler steps on u(z, t, t))", _fm, None, velocity_only=True),
-        MethodSpec("meanflow", "MeanFlow (Geng et al.), JVP target", _meanflow, 0.5),
-        MethodSpec("alphaflow", "alpha-Flow (Zhang et al.), sigmoid curriculum alpha 1 -> 0", _alphaflow, 0.5),
-        MethodSpec("kim", "MeanFlow + Min-SNR on r = t rows + progressive interval weight (Kim et al.)", _kim, 0.5),
+        MethodSpec("meanflow", "MeanFlow (Geng et al.), JVP target", _meanflow, 0.5, jvp=True, aux=True),
+        MethodSpec("alphaflow", "alpha-Flow (Zhang et al.), sigmoid curriculum alpha 1 -> 0", _alphaflow, 0.5,
+                   jvp=True),
+        MethodSpec("kim", "MeanFlow + Min-SNR on r = t rows + progressive interval weight (Kim et al.)", _kim, 0.5,
+                   jvp=True, aux=True),
         MethodSpec("splitmeanflow", "SplitMeanFlow: interval-splitting consistency, no JVP", _split, 0.5),
     )
 }

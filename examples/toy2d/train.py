@@ -99,7 +99,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        get_method(self.method)
+        spec = get_method(self.method)
         if self.dataset not in datasets.DATASETS:
             raise ValueError(f"dataset={self.dataset!r} is not one of {sorted(datasets.DATASETS)}")
         for name in ("steps", "batch", "eval_points", "log_every", "threads"):
@@ -111,21 +111,22 @@ class TrainConfig:
             raise ValueError(f"ema must be a decay in [0, 1), got {self.ema}")
         if self.tangent not in ("conditional", "model"):
             raise ValueError(f"tangent must be 'conditional' or 'model', got {self.tangent!r}")
-        jvp_methods = ("meanflow", "alphaflow", "kim")
-        if self.tangent != "conditional" and self.method not in jvp_methods:
+        if self.tangent != "conditional" and not spec.jvp:
+            jvp_methods = tuple(name for name, m in METHODS.items() if m.jvp)
             raise ValueError(
                 f"tangent={self.tangent!r} needs a JVP objective {jvp_methods}, got method={self.method!r}"
             )
         if self.equal_draw not in ("pair", "single"):
             raise ValueError(f"equal_draw must be 'pair' or 'single', got {self.equal_draw!r}")
-        if self.equal_draw != "pair" and get_method(self.method).equal_fraction is None:
+        if self.equal_draw != "pair" and spec.equal_fraction is None:
             raise ValueError(
                 f"equal_draw={self.equal_draw!r} needs a method with r = t rows, got method={self.method!r}"
             )
         if self.aux_weight < 0:
             raise ValueError(f"aux_weight must be >= 0, got {self.aux_weight}")
-        if self.aux_weight > 0 and self.method not in ("meanflow", "kim"):
-            raise ValueError(f"aux_weight > 0 needs method 'meanflow' or 'kim', got method={self.method!r}")
+        if self.aux_weight > 0 and not spec.aux:
+            aux_methods = " or ".join(repr(name) for name, m in METHODS.items() if m.aux)
+            raise ValueError(f"aux_weight > 0 needs method {aux_methods}, got method={self.method!r}")
         if not 0.0 <= self.alpha_start <= self.alpha_end:
             raise ValueError(f"need 0 <= alpha_start <= alpha_end, got {self.alpha_start}, {self.alpha_end}")
         self.guidance_interval = tuple(self.guidance_interval)  # type: ignore[assignment]
