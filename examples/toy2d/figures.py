@@ -149,16 +149,20 @@ def plot_conflict(steps: Sequence[int], cosines: Mapping[str, Sequence[float]], 
 
 
 def plot_study(target: Tensor, samples: Mapping[str, Tensor], bars: Mapping[str, Sequence[float]],
-               baseline: float | None, path: str | Path, title: str = "", baseline_steps: int = 100) -> Path:
+               baseline: float | None, path: str | Path, title: str = "", baseline_steps: int = 100,
+               extra_lines: Mapping[str, float] | None = None) -> Path:
     """The study's comparison figure: samples of each method (top; ``samples[label]``) and the 1-step sliced W2
-    of each seed per method (bottom; ``bars[label]``, one value per seed) against the FM baseline line."""
+    of each seed per method (bottom; ``bars[label]``, one value per seed) against the FM baseline line and any
+    ``extra_lines`` (legend label -> value)."""
     n = 1 + len(samples)
-    fig = plt.figure(figsize=(2.3 * n, 5.2))
-    grid = fig.add_gridspec(2, n, height_ratios=[1, 1])
+    cols = min(n, 7)  # sample panels wrap onto several rows above the bar chart
+    panel_rows = -(-n // cols)
+    fig = plt.figure(figsize=(2.3 * cols, 2.9 * (panel_rows + 1)))
+    grid = fig.add_gridspec(panel_rows + 1, cols)
     _scatter(fig.add_subplot(grid[0, 0]), target, "target", color="k")
     for i, (label, pts) in enumerate(samples.items(), start=1):
-        _scatter(fig.add_subplot(grid[0, i]), pts, label)
-    ax = fig.add_subplot(grid[1, :])
+        _scatter(fig.add_subplot(grid[i // cols, i % cols]), pts, label)
+    ax = fig.add_subplot(grid[panel_rows, :])
     names = list(bars)
     for i, name in enumerate(names):
         vals = np.asarray(bars[name], dtype=float)
@@ -167,8 +171,11 @@ def plot_study(target: Tensor, samples: Mapping[str, Tensor], bars: Mapping[str,
     if baseline is not None:
         ax.axhline(baseline, color="k", ls="--", lw=1, label=f"FM {baseline_steps}-step Euler ({baseline:.3f})")
         ax.axhline(1.5 * baseline, color="C3", ls=":", lw=1, label=f"1.5x FM {baseline_steps}-step (target)")
+    for j, (name, value) in enumerate((extra_lines or {}).items()):
+        ax.axhline(value, color="0.4", ls=("-." if j % 2 == 0 else "--"), lw=1, label=f"{name} ({value:.3f})")
+    if baseline is not None or extra_lines:
         ax.legend(fontsize=8)
-    ax.set_xticks(range(len(names)), names, fontsize=8)
+    ax.set_xticks(range(len(names)), names, fontsize=7, rotation=20, ha="right")
     ax.set_ylabel("sliced W2, 1 step (dots: seeds)")
     if title:
         fig.suptitle(title, fontsize=10)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 import meanflow_losses as mfl
 from examples.toy2d import datasets, figures
 from examples.toy2d.metrics import energy_distance, sliced_w2
-from examples.toy2d.nets import VelocityMLP
+from examples.toy2d.nets import ACTIVATIONS, ARCHS, VelocityMLP
 from examples.toy2d.registry import METHODS, MethodUnavailable, build_objective, get_method, need
 
 __all__ = ["TrainConfig", "evaluate", "main", "train"]
@@ -66,6 +66,8 @@ class TrainConfig:
     jvp: str = "nograd"
     tangent: str = "conditional"  # JVP tangent: conditional (e - x, MeanFlow) | model (u(z, t, t), iMF)
     aux_weight: float = 0.0  # iMF auxiliary instantaneous-velocity loss weight (0: off)
+    coupling: str = "independent"  # independent | ot (minibatch optimal transport pairing of noise and data)
+    ot_block: int = 256  # OT pairing within blocks of this many rows
     # alpha-Flow: sigmoid curriculum from alpha = 1 at alpha_start * steps to 0 at alpha_end * steps
     alpha_start: float = 0.0
     alpha_end: float = 1.0
@@ -85,6 +87,8 @@ class TrainConfig:
     depth: int = 4
     emb_dim: int = 32
     max_freq: float = 8.0
+    act: str = "silu"  # silu | gelu | relu
+    arch: str = "plain"  # plain MLP | residual (pre-norm blocks, conditioning in every block)
     # evaluation and logging
     eval_points: int = 8192
     eval_steps: tuple[int, ...] = (1, 2, 4, 100)
@@ -116,6 +120,14 @@ class TrainConfig:
             raise ValueError(
                 f"tangent={self.tangent!r} needs a JVP objective {jvp_methods}, got method={self.method!r}"
             )
+        if self.coupling not in ("independent", "ot"):
+            raise ValueError(f"coupling must be 'independent' or 'ot', got {self.coupling!r}")
+        if self.ot_block < 1:
+            raise ValueError(f"ot_block must be >= 1, got {self.ot_block}")
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {self.act!r}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {list(ARCHS)}, got {self.arch!r}")
         if self.equal_draw not in ("pair", "single"):
             raise ValueError(f"equal_draw must be 'pair' or 'single', got {self.equal_draw!r}")
         if self.equal_draw != "pair" and spec.equal_fraction is None:
@@ -174,7 +186,7 @@ class NullLabel:
 def build_model(cfg: TrainConfig) -> VelocityMLP:
     """The toy network for ``cfg`` (seeded by the caller)."""
     return VelocityMLP(dim=2, hidden=cfg.width, depth=cfg.depth, emb_dim=cfg.emb_dim, max_freq=cfg.max_freq,
-                       num_classes=cfg.num_classes)
+                       num_classes=cfg.num_classes, act=cfg.act, arch=cfg.arch)
 
 
 def as_sampler(model: torch.nn.Module, velocity_only: bool) -> Any:
@@ -245,8 +257,9 @@ def evaluate(model: torch.nn.Module, cfg: TrainConfig, velocity_only: bool,
 class ConflictProbe:
     """Gradient cosines between the MeanFlow loss terms L_TFM, L_FM' and L_TCc on fresh batches, every N steps.
 
-    Uses ``MeanFlowLoss(decompose=True)`` with the run's times and ``meanflow_losses.diagnostics.ConflictTracker``;
-    draws from its own generator, so turning it on does not change the training run.
+    Uses ``MeanFlowLoss(decompose=True)`` with the run's times and coupling and
+    ``meanflow_losses.diagnostics.ConflictTracker``; draws from its own generator, so turning it on does not change
+    the training run.
     """
 
     PAIRS: ClassVar[dict[str, tuple[str, str]]] = {"TFM vs TCc": ("tfm", "tcc"), "FM' vs TCc": ("fm_border", "tcc")}
@@ -265,7 +278,11 @@ class ConflictProbe:
         if not self.tracker.due(step):
             return
         x, y = datasets.sample(self.cfg.dataset, self.cfg.conflict_batch, self.g)
-        out = self.loss(model, x, model_kwargs=_conditioning(self.cfg, y), generator=self.g, step=step)
+        noise = None
+        if self.cfg.coupling == "ot":  # measure the loss that is trained: the same noise-data pairing
+            noise = ot_pair(x, torch.randn(x.shape, generator=self.g), self.cfg.ot_block,
+                            y if self.cfg.num_classes else None)
+        out = self.loss(model, x, model_kwargs=_conditioning(self.cfg, y), generator=self.g, step=step, noise=noise)
         self.tracker.measure(model, out.decomposition, step=step)
 
     def summary(self) -> dict[str, Any]:
@@ -285,6 +302,39 @@ def _scalar(v: Any) -> float:
 
 def _term(out: Any, name: str) -> float:
     return _scalar(out.terms[name]) if name in out.terms else float("nan")
+
+
+def ot_pair(x: torch.Tensor, noise: torch.Tensor, block: int, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Reorder ``noise`` so that, within each block of ``block`` rows, row ``i`` of noise is the exact optimal
+    transport (squared Euclidean) partner of row ``i`` of ``x`` (minibatch OT coupling: Tong et al. 2023,
+    Pooladian et al. 2023).
+
+    The noise rows are only permuted, so every row's noise is still a standard normal draw. With ``labels`` the
+    pairing stays within each class (blocks of one class's rows), so that the noise given to a class is still
+    standard normal too: pairing across classes would hand each class the part of the Gaussian nearest to its
+    data, a noise distribution that sampling never sees.
+
+    Args:
+        x: Data ``(B, D)``.
+        noise: Noise ``(B, D)``.
+        block: Rows per assignment problem.
+        labels: Optional class labels ``(B,)``.
+
+    Returns:
+        The reordered noise ``(B, D)``.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    groups = [torch.arange(x.shape[0])] if labels is None else [
+        (labels == c).nonzero().flatten() for c in labels.unique()]
+    out = noise.clone()
+    for rows_of_group in groups:
+        for i in range(0, rows_of_group.numel(), block):
+            idx = rows_of_group[i:i + block]
+            cost = torch.cdist(x[idx].double(), noise[idx].double()).square().numpy()
+            rows, cols = linear_sum_assignment(cost)
+            out[idx[torch.as_tensor(rows)]] = noise[idx[torch.as_tensor(cols)]]
+    return out
 
 
 def train(cfg: TrainConfig, reuse: bool = False) -> dict[str, Any]:
@@ -326,7 +376,10 @@ def train(cfg: TrainConfig, reuse: bool = False) -> dict[str, Any]:
                mininterval=0.5, leave=False, file=sys.stderr)
     for step in bar:
         x, y = datasets.sample(cfg.dataset, cfg.batch, g)
-        out = objective(model, x, model_kwargs=_conditioning(cfg, y), generator=g, step=step)
+        noise = None
+        if cfg.coupling == "ot":
+            noise = ot_pair(x, torch.randn(x.shape, generator=g), cfg.ot_block, y if cfg.num_classes else None)
+        out = objective(model, x, model_kwargs=_conditioning(cfg, y), generator=g, step=step, noise=noise)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         if cfg.grad_clip > 0:
@@ -483,6 +536,10 @@ HELP: dict[str, str] = {
     "depth": "hidden layers of the MLP",
     "emb_dim": "width of each sinusoidal time embedding",
     "max_freq": "highest angular frequency of the time embeddings (keep it low for JVP objectives)",
+    "coupling": "noise-data pairing: independent, or ot (minibatch optimal transport; needs scipy)",
+    "ot_block": "rows per optimal-transport assignment (coupling ot)",
+    "act": "activation of the network: silu, gelu or relu",
+    "arch": "network: plain MLP or residual (pre-norm blocks that each see the time embeddings)",
     "eval_points": "generated and target points of the evaluation",
     "eval_steps": "sampling step counts to evaluate (FM: Euler steps)",
     "energy_points": "points used by the energy distance",

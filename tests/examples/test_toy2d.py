@@ -135,8 +135,10 @@ def test_cli_meanflow_with_ema_schedule_figures_and_conflict(tmp_path, capsys):
         assert (out / "conflict.png").exists() and len(rec["conflict"]["steps"]) == 2
 
 
-def test_class_mixture_with_training_guidance(tmp_path):
-    cfg = TrainConfig(method="meanflow", dataset="mixture", kappa=0.5, out=None, figures=False, **TINY)
+@pytest.mark.parametrize("coupling", ["independent", "ot"])
+def test_class_mixture_with_training_guidance(tmp_path, coupling):
+    cfg = TrainConfig(method="meanflow", dataset="mixture", kappa=0.5, coupling=coupling, out=None, figures=False,
+                      **TINY)
     assert cfg.num_classes == 4 and cfg.guidance() is not None
     rec = train(cfg)
     assert math.isfinite(rec["metrics"]["1"]["sw2"])
@@ -212,3 +214,113 @@ def test_improved_meanflow_options_reach_the_objective(tmp_path):
 def test_jvp_option_errors_name_the_option(kwargs, match):
     with pytest.raises(ValueError, match=match):
         registry.build_objective(TrainConfig(out=None, **{**TINY, **kwargs}))
+
+
+def _no_improving_swap(x: torch.Tensor, noise: torch.Tensor) -> bool:
+    """True when no exchange of two rows' noise lowers the total squared distance (2-opt optimality)."""
+    cost = torch.cdist(x.double(), noise.double()).square()
+    diag = cost.diagonal()
+    swapped = cost + cost.T  # [i, j]: cost of pairing x_i with noise_j and x_j with noise_i
+    return bool((swapped >= diag[:, None] + diag[None, :] - 1e-9).all())
+
+
+def test_ot_pair_is_the_exact_assignment_within_each_block():
+    import itertools
+
+    from examples.toy2d.train import ot_pair
+
+    g = torch.Generator().manual_seed(0)
+    x, noise = torch.randn(12, 2, generator=g), torch.randn(12, 2, generator=g)
+    paired = ot_pair(x, noise, block=6)
+    for lo in (0, 6):
+        xb, nb, pb = x[lo:lo + 6], noise[lo:lo + 6], paired[lo:lo + 6]
+        # the block's rows are a permutation of the same block's noise rows (no mixing across blocks)
+        assert sorted(map(tuple, pb.tolist())) == sorted(map(tuple, nb.tolist()))
+        brute = min(sum(float((xb[i] - nb[p[i]]).square().sum()) for i in range(6))
+                    for p in itertools.permutations(range(6)))
+        assert float((xb - pb).square().sum()) == pytest.approx(brute, rel=1e-6)
+        assert brute < float((xb - nb).square().sum())  # the independent pairing is not already optimal
+
+
+def test_ot_pair_with_labels_pairs_within_each_class():
+    from examples.toy2d.train import ot_pair
+
+    g = torch.Generator().manual_seed(3)
+    labels = torch.tensor([0, 1, 0, 1, 1, 0, 2, 1, 0, 1])
+    x, noise = torch.randn(10, 2, generator=g), torch.randn(10, 2, generator=g)
+    paired = ot_pair(x, noise, block=64, labels=labels)
+    for c in range(3):
+        rows = labels == c
+        assert sorted(map(tuple, paired[rows].tolist())) == sorted(map(tuple, noise[rows].tolist()))
+        assert _no_improving_swap(x[rows], paired[rows])
+    assert not torch.equal(ot_pair(x, noise, block=64), paired)  # pairing across classes differs
+
+
+def test_ot_coupling_reaches_the_objective(monkeypatch):
+    import examples.toy2d.train as toy_train
+
+    seen: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    build = toy_train.build_objective
+
+    def spy(cfg):
+        obj = build(cfg)
+
+        def call(model, x, **kw):
+            seen.append((x, kw.get("noise")))
+            return obj(model, x, **kw)
+        return call
+
+    monkeypatch.setattr(toy_train, "build_objective", spy)
+    train(TrainConfig(method="meanflow", coupling="ot", ot_block=16, out=None, figures=False, **TINY))
+    assert len(seen) == TINY["steps"]
+    for x, noise in seen:
+        assert noise is not None and noise.shape == x.shape
+        assert all(_no_improving_swap(x[i:i + 16], noise[i:i + 16]) for i in range(0, len(x), 16))
+        assert not _no_improving_swap(x, noise)  # optimal within blocks, not across the whole batch
+    seen.clear()
+    train(TrainConfig(method="meanflow", out=None, figures=False, **TINY))
+    assert all(noise is None for _, noise in seen)  # independent coupling: the objective draws its own noise
+
+
+@pytest.mark.parametrize("arch", ["plain", "residual"])
+@pytest.mark.parametrize("act", ["silu", "gelu", "relu"])
+def test_network_variants_are_differentiable_in_time(arch, act):
+    net = VelocityMLP(hidden=16, depth=2, emb_dim=8, act=act, arch=arch).double()
+    g = torch.Generator().manual_seed(1)
+    z, t = torch.randn(4, 2, generator=g, dtype=torch.float64), torch.rand(4, generator=g, dtype=torch.float64)
+    r = 0.5 * t
+    dz = torch.randn(4, 2, generator=g, dtype=torch.float64)
+    _, jvp = torch.func.jvp(lambda z_, t_: net(z_, r, t_), (z, t), (dz, torch.ones_like(t)))
+    eps = 1e-6
+    fd = (net(z + eps * dz, r, t + eps) - net(z - eps * dz, r, t - eps)) / (2 * eps)
+    assert torch.allclose(jvp, fd, atol=1e-6)
+    assert jvp.abs().max() > 0
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(coupling="sinkhorn"), "coupling must be"),
+    (dict(ot_block=0), "ot_block must be >= 1"),
+    (dict(act="tanh"), "act must be one of"),
+    (dict(arch="unet"), "arch must be one of"),
+])
+def test_network_and_coupling_option_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(out=None, **{**TINY, **kwargs})
+
+
+def test_conflict_probe_measures_the_trained_coupling(monkeypatch):
+    import examples.toy2d.train as toy_train
+
+    calls: list[int] = []
+    pair = toy_train.ot_pair
+
+    def counting(x, noise, block, labels=None):
+        calls.append(x.shape[0])
+        return pair(x, noise, block, labels)
+
+    monkeypatch.setattr(toy_train, "ot_pair", counting)
+    cfg = TrainConfig(method="meanflow", coupling="ot", conflict_every=1, conflict_batch=32, out=None,
+                      figures=False, **TINY)
+    rec = train(cfg)
+    assert sorted(calls) == [32] * TINY["steps"] + [TINY["batch"]] * TINY["steps"]  # probe batches and training
+    assert len(rec["conflict"]["steps"]) == TINY["steps"]

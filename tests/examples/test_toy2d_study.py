@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from examples.toy2d import registry
 from examples.toy2d.study import ENTRIES, Entry, run_study
 from examples.toy2d.train import TrainConfig
@@ -34,3 +36,21 @@ def test_study_writes_table_and_figures_and_skips_missing_methods(tmp_path, monk
     assert result["baseline"] is not None and len(result["rows"]["MeanFlow"]["ratio"]) == 2
     for name in ("toy2d_study.png", "toy2d_meanflow_samples.png", "toy2d_meanflow_conflict.png"):
         assert (tmp_path / "figures" / name).stat().st_size > 0, name
+
+
+def test_study_compares_ot_rows_with_the_fm_run_of_their_own_coupling(tmp_path):
+    base = TrainConfig(steps=2, batch=64, width=16, depth=2, emb_dim=8, eval_points=128, energy_points=64,
+                       eval_steps=(1, 3), progress=False, conflict_every=0)
+    labels = ("FM", "FM (OT)", "MeanFlow", "MeanFlow (OT)")
+    by_label = {e.label: e for e in ENTRIES}
+    entries = tuple(by_label[label] for label in labels)
+    result = run_study(entries, [0], base, tmp_path, jobs=1, run_dir=None)
+    rows = result["rows"]
+    sw2 = {label: (rows[label]["sw2"]["1"][0], rows[label]["sw2"]["3"][0]) for label in labels}
+    assert rows["FM (OT)"]["coupling"] == "ot" and rows["MeanFlow"]["coupling"] == "independent"
+    assert result["baseline"] == pytest.approx(sw2["FM"][1])
+    assert rows["MeanFlow (OT)"]["ratio"] == [pytest.approx(sw2["MeanFlow (OT)"][0] / sw2["FM"][1])]
+    assert rows["MeanFlow (OT)"]["ratio_same"] == [pytest.approx(sw2["MeanFlow (OT)"][0] / sw2["FM (OT)"][1])]
+    assert rows["MeanFlow"]["ratio_same"] == rows["MeanFlow"]["ratio"]
+    table = (tmp_path / "toy2d_study.md").read_text()
+    assert "1-step / FM-3 same coupling" in table and "FM (OT) baseline (3 Euler steps)" in table
