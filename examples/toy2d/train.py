@@ -32,7 +32,7 @@ from examples.toy2d.metrics import energy_distance, sliced_w2
 from examples.toy2d.nets import ACTIVATIONS, ARCHS, VelocityMLP
 from examples.toy2d.registry import METHODS, MethodUnavailable, build_objective, get_method, need
 
-__all__ = ["TrainConfig", "evaluate", "main", "train"]
+__all__ = ["TrainConfig", "evaluate", "main", "ot_pair", "train"]
 
 EVAL_SEED = 1_000_003  # the evaluation draws (targets, noise) are the same for every run of a seed
 
@@ -315,26 +315,35 @@ def ot_pair(x: torch.Tensor, noise: torch.Tensor, block: int, labels: torch.Tens
     data, a noise distribution that sampling never sees.
 
     Args:
-        x: Data ``(B, D)``.
-        noise: Noise ``(B, D)``.
-        block: Rows per assignment problem.
+        x: Data ``(B, *D)``.
+        noise: Noise ``(B, *D)``, same shape as ``x``.
+        block: Rows per assignment problem (>= 1).
         labels: Optional class labels ``(B,)``.
 
     Returns:
-        The reordered noise ``(B, D)``.
+        The reordered noise ``(B, *D)``, on ``noise``'s device.
+
+    Raises:
+        ValueError: ``noise`` or ``labels`` does not match ``x``, or ``block < 1``.
     """
     from scipy.optimize import linear_sum_assignment
 
+    if noise.shape != x.shape:
+        raise ValueError(f"noise must have the shape of x {tuple(x.shape)}, got {tuple(noise.shape)}")
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    if labels is not None and labels.shape != x.shape[:1]:
+        raise ValueError(f"labels must have shape {tuple(x.shape[:1])}, got {tuple(labels.shape)}")
+    flat_x, flat_n = x.detach().flatten(1).double().cpu(), noise.detach().flatten(1).double().cpu()
     groups = [torch.arange(x.shape[0])] if labels is None else [
-        (labels == c).nonzero().flatten() for c in labels.unique()]
-    out = noise.clone()
+        (labels.cpu() == c).nonzero().flatten() for c in labels.cpu().unique()]
+    order = torch.arange(x.shape[0])
     for rows_of_group in groups:
         for i in range(0, rows_of_group.numel(), block):
             idx = rows_of_group[i:i + block]
-            cost = torch.cdist(x[idx].double(), noise[idx].double()).square().numpy()
-            rows, cols = linear_sum_assignment(cost)
-            out[idx[torch.as_tensor(rows)]] = noise[idx[torch.as_tensor(cols)]]
-    return out
+            rows, cols = linear_sum_assignment(torch.cdist(flat_x[idx], flat_n[idx]).square().numpy())
+            order[idx[torch.as_tensor(rows)]] = idx[torch.as_tensor(cols)]
+    return noise[order.to(noise.device)]
 
 
 def train(cfg: TrainConfig, reuse: bool = False) -> dict[str, Any]:

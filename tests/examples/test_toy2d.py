@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import replace
@@ -225,8 +226,6 @@ def _no_improving_swap(x: torch.Tensor, noise: torch.Tensor) -> bool:
 
 
 def test_ot_pair_is_the_exact_assignment_within_each_block():
-    import itertools
-
     from examples.toy2d.train import ot_pair
 
     g = torch.Generator().manual_seed(0)
@@ -251,12 +250,15 @@ def test_ot_pair_with_labels_pairs_within_each_class():
     paired = ot_pair(x, noise, block=64, labels=labels)
     for c in range(3):
         rows = labels == c
-        assert sorted(map(tuple, paired[rows].tolist())) == sorted(map(tuple, noise[rows].tolist()))
-        assert _no_improving_swap(x[rows], paired[rows])
+        xc, nc, pc = x[rows], noise[rows], paired[rows]
+        assert sorted(map(tuple, pc.tolist())) == sorted(map(tuple, nc.tolist()))
+        brute = min(float((xc - nc[list(p)]).square().sum()) for p in itertools.permutations(range(len(xc))))
+        assert float((xc - pc).square().sum()) == pytest.approx(brute, rel=1e-6)
     assert not torch.equal(ot_pair(x, noise, block=64), paired)  # pairing across classes differs
 
 
-def test_ot_coupling_reaches_the_objective(monkeypatch):
+@pytest.mark.parametrize("method", sorted(registry.METHODS))
+def test_ot_coupling_reaches_the_objective(monkeypatch, method):
     import examples.toy2d.train as toy_train
 
     seen: list[tuple[torch.Tensor, torch.Tensor | None]] = []
@@ -271,14 +273,17 @@ def test_ot_coupling_reaches_the_objective(monkeypatch):
         return call
 
     monkeypatch.setattr(toy_train, "build_objective", spy)
-    train(TrainConfig(method="meanflow", coupling="ot", ot_block=16, out=None, figures=False, **TINY))
+    try:
+        train(TrainConfig(method=method, coupling="ot", ot_block=16, out=None, figures=False, **TINY))
+    except registry.MethodUnavailable as err:
+        pytest.skip(str(err))
     assert len(seen) == TINY["steps"]
     for x, noise in seen:
         assert noise is not None and noise.shape == x.shape
         assert all(_no_improving_swap(x[i:i + 16], noise[i:i + 16]) for i in range(0, len(x), 16))
         assert not _no_improving_swap(x, noise)  # optimal within blocks, not across the whole batch
     seen.clear()
-    train(TrainConfig(method="meanflow", out=None, figures=False, **TINY))
+    train(TrainConfig(method=method, out=None, figures=False, **TINY))
     assert all(noise is None for _, noise in seen)  # independent coupling: the objective draws its own noise
 
 
@@ -311,16 +316,72 @@ def test_network_and_coupling_option_errors(kwargs, match):
 def test_conflict_probe_measures_the_trained_coupling(monkeypatch):
     import examples.toy2d.train as toy_train
 
-    calls: list[int] = []
-    pair = toy_train.ot_pair
+    seen: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    init = toy_train.ConflictProbe.__init__
 
-    def counting(x, noise, block, labels=None):
-        calls.append(x.shape[0])
-        return pair(x, noise, block, labels)
+    def spying_init(self, cfg):
+        init(self, cfg)
+        loss = self.loss
 
-    monkeypatch.setattr(toy_train, "ot_pair", counting)
-    cfg = TrainConfig(method="meanflow", coupling="ot", conflict_every=1, conflict_batch=32, out=None,
+        def call(model, x, **kw):
+            seen.append((x, kw.get("noise")))
+            return loss(model, x, **kw)
+        self.loss = call
+
+    monkeypatch.setattr(toy_train.ConflictProbe, "__init__", spying_init)
+    cfg = TrainConfig(method="meanflow", coupling="ot", ot_block=16, conflict_every=1, conflict_batch=32, out=None,
                       figures=False, **TINY)
     rec = train(cfg)
-    assert sorted(calls) == [32] * TINY["steps"] + [TINY["batch"]] * TINY["steps"]  # probe batches and training
-    assert len(rec["conflict"]["steps"]) == TINY["steps"]
+    assert len(rec["conflict"]["steps"]) == len(seen) == TINY["steps"]
+    for x, noise in seen:  # the probe's batches are paired like the training batches
+        assert noise is not None and x.shape[0] == 32
+        assert all(_no_improving_swap(x[i:i + 16], noise[i:i + 16]) for i in (0, 16))
+    seen.clear()
+    train(replace(cfg, coupling="independent"))
+    assert len(seen) == TINY["steps"] and all(noise is None for _, noise in seen)
+
+
+def test_ot_coupling_pairs_conditional_data_within_classes(monkeypatch):
+    import examples.toy2d.train as toy_train
+
+    drawn: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    build, pair = toy_train.build_objective, toy_train.ot_pair
+
+    def spy_pair(x, noise, block, labels=None):
+        drawn.append((noise, labels))
+        return pair(x, noise, block, labels)
+
+    def spy(cfg):
+        obj = build(cfg)
+
+        def call(model, x, **kw):
+            seen.append((x, kw["noise"], kw["model_kwargs"]["y"]))
+            return obj(model, x, **kw)
+        return call
+
+    monkeypatch.setattr(toy_train, "ot_pair", spy_pair)
+    monkeypatch.setattr(toy_train, "build_objective", spy)
+    train(TrainConfig(method="meanflow", dataset="mixture", coupling="ot", drop_prob=0.0, out=None, figures=False,
+                      **TINY))
+    assert len(seen) == len(drawn) == TINY["steps"]
+    for (x, noise, y), (raw, labels) in zip(seen, drawn, strict=True):
+        assert labels is not None and torch.equal(labels, y)
+        for c in y.unique():  # each class keeps the noise drawn for its own rows, optimally paired
+            rows = y == c
+            assert sorted(map(tuple, noise[rows].tolist())) == sorted(map(tuple, raw[rows].tolist()))
+            assert _no_improving_swap(x[rows], noise[rows])
+
+
+def test_ot_pair_errors_name_the_argument():
+    from examples.toy2d.train import ot_pair
+
+    x = torch.randn(8, 2)
+    with pytest.raises(ValueError, match="noise must have the shape of x"):
+        ot_pair(x, torch.randn(8, 3), block=4)
+    with pytest.raises(ValueError, match="block must be >= 1"):
+        ot_pair(x, torch.randn(8, 2), block=0)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        ot_pair(x, torch.randn(8, 2), block=4, labels=torch.zeros(7, dtype=torch.long))
+    images = torch.randn(6, 1, 2, 2)  # any data shape: rows are flattened for the cost
+    assert ot_pair(images, torch.randn(6, 1, 2, 2), block=6).shape == (6, 1, 2, 2)
