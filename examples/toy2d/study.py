@@ -131,7 +131,8 @@ def run_study(entries: tuple[Entry, ...], seeds: list[int], base: TrainConfig, o
         command: The command line, for the report.
 
     Returns:
-        ``{"rows": {label: {...}}, "skipped": {label: reason}, "baseline": float, "seconds": float}``.
+        ``{"rows": {label: {...}}, "skipped": {label: reason}, "baseline": float (plain FM), "baselines":
+        {coupling: float}, "seconds": float}``.
     """
     t0 = time.perf_counter()
     jobs_list: list[tuple[Entry, int, TrainConfig]] = []
@@ -174,8 +175,9 @@ def run_study(entries: tuple[Entry, ...], seeds: list[int], base: TrainConfig, o
     # FM's many-step distance per (coupling, seed): "independent" is the issue's baseline for every row; each row
     # is also compared with the FM run of its own coupling.
     baseline_by = baseline_by_coupling(rows, str(max(base.eval_steps)))
-    plain = [v for (c, _), v in baseline_by.items() if c == "independent"]
-    baseline = statistics.mean(plain) if plain else None
+    baselines = {c: statistics.mean(v for (c2, _), v in baseline_by.items() if c2 == c)
+                 for c in sorted({c for c, _ in baseline_by})}  # coupling -> mean over seeds
+    baseline = baselines.get("independent")
     for row in rows.values():
         row["sw2"] = {k: [r["metrics"][k]["sw2"] for r in row["records"]] for k in map(str, base.eval_steps)}
         row["energy"] = {k: [r["metrics"][k]["energy"] for r in row["records"]] for k in map(str, base.eval_steps)}
@@ -189,7 +191,7 @@ def run_study(entries: tuple[Entry, ...], seeds: list[int], base: TrainConfig, o
         row["coupling"] = row["records"][0]["config"]["coupling"]
         row["seconds"] = statistics.mean(r["train_seconds"] for r in row["records"])
     seconds = time.perf_counter() - t0
-    result = {"rows": rows, "skipped": skipped, "baseline": baseline, "seconds": seconds}
+    result = {"rows": rows, "skipped": skipped, "baseline": baseline, "baselines": baselines, "seconds": seconds}
     write_report(result, base, seeds, out, quick, command)
     if run_dir is not None:
         export_figures(rows, run_dir, out / "figures")
@@ -285,10 +287,10 @@ def write_report(result: dict[str, Any], base: TrainConfig, seeds: list[int], ou
               "on the checkerboard's dark cells (target 1; a blur that fills the board evenly scores about 0.5)."]
     if baseline is not None:
         lines.append(f"FM baseline ({ks[-1]} Euler steps): SW2 {baseline:.3f}; 1.5x target: {1.5 * baseline:.3f}.")
-    ot = [v for (c, _), v in baseline_by_coupling(rows, ks[-1]).items() if c == "ot"]
-    if ot:
-        lines.append(f"FM (OT) baseline ({ks[-1]} Euler steps): SW2 {statistics.mean(ot):.3f}; 1.5x: "
-                     f"{1.5 * statistics.mean(ot):.3f}.")
+    others = {f"FM ({c.upper()}) {ks[-1]}-step Euler": v for c, v in result["baselines"].items() if c != "independent"}
+    for c, v in result["baselines"].items():
+        if c != "independent":
+            lines.append(f"FM ({c.upper()}) baseline ({ks[-1]} Euler steps): SW2 {v:.3f}; 1.5x: {1.5 * v:.3f}.")
     for a, b in COMPARISONS:
         comparison = _compare(rows, a, b)
         if comparison:
@@ -322,12 +324,9 @@ def write_report(result: dict[str, Any], base: TrainConfig, seeds: list[int], ou
                 bars[label] = row["sw2"]["1"]
             elif row["coupling"] != "independent":  # FM with another coupling: its 1-step bar and its baseline
                 bars[f"{label}, 1 Euler step"] = row["sw2"]["1"]
-        by = baseline_by_coupling(rows, ks[-1])
-        extra = {f"FM ({c.upper()}) {ks[-1]}-step Euler": statistics.mean(v for (c2, _), v in by.items() if c2 == c)
-                 for c in sorted({c for c, _ in by} - {"independent"})}
         figures.plot_study(torch.from_numpy(first["_target"]), samples, bars, baseline, fig_dir / "toy2d_study.png",
                            title=f"{base.dataset}, {base.steps} steps, seeds {seeds}", baseline_steps=int(ks[-1]),
-                           extra_lines=extra)
+                           extra_lines=others)
     summary = {label: {"sw2": row["sw2"], "energy": row["energy"], "on_cells": row["on_cells"],
                        "ratio": row["ratio"], "ratio_same_coupling": row["ratio_same"], "seeds": row["seeds"],
                        "recipe": row["entry"].recipe, "options": row["entry"].options}

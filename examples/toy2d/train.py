@@ -278,10 +278,7 @@ class ConflictProbe:
         if not self.tracker.due(step):
             return
         x, y = datasets.sample(self.cfg.dataset, self.cfg.conflict_batch, self.g)
-        noise = None
-        if self.cfg.coupling == "ot":  # measure the loss that is trained: the same noise-data pairing
-            noise = ot_pair(x, torch.randn(x.shape, generator=self.g), self.cfg.ot_block,
-                            y if self.cfg.num_classes else None)
+        noise = coupled_noise(self.cfg, x, y, self.g)  # measure the loss that is trained: the same pairing
         out = self.loss(model, x, model_kwargs=_conditioning(self.cfg, y), generator=self.g, step=step, noise=noise)
         self.tracker.measure(model, out.decomposition, step=step)
 
@@ -346,6 +343,24 @@ def ot_pair(x: torch.Tensor, noise: torch.Tensor, block: int, labels: torch.Tens
     return noise[order.to(noise.device)]
 
 
+def coupled_noise(cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> torch.Tensor | None:
+    """The noise of a batch under ``cfg.coupling``: ``None`` for independent pairs (the objective draws its own),
+    else a standard normal draw from ``g`` reordered by :func:`ot_pair` (within classes for conditional data).
+
+    Args:
+        cfg: The options (``coupling``, ``ot_block``, whether the data are conditional).
+        x: Data ``(B, 2)``.
+        y: Labels ``(B,)``.
+        g: Generator of the draw.
+
+    Returns:
+        Noise ``(B, 2)`` or ``None``.
+    """
+    if cfg.coupling == "independent":
+        return None
+    return ot_pair(x, torch.randn(x.shape, generator=g), cfg.ot_block, y if cfg.num_classes else None)
+
+
 def train(cfg: TrainConfig, reuse: bool = False) -> dict[str, Any]:
     """Train, evaluate and (when ``cfg.out`` is set) save checkpoint, ``metrics.json`` and figures.
 
@@ -385,9 +400,7 @@ def train(cfg: TrainConfig, reuse: bool = False) -> dict[str, Any]:
                mininterval=0.5, leave=False, file=sys.stderr)
     for step in bar:
         x, y = datasets.sample(cfg.dataset, cfg.batch, g)
-        noise = None
-        if cfg.coupling == "ot":
-            noise = ot_pair(x, torch.randn(x.shape, generator=g), cfg.ot_block, y if cfg.num_classes else None)
+        noise = coupled_noise(cfg, x, y, g)
         out = objective(model, x, model_kwargs=_conditioning(cfg, y), generator=g, step=step, noise=noise)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
