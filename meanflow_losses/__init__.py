@@ -4,17 +4,20 @@ Convention: t = 0 is data, t = 1 is noise, r <= t, z_r = z_t - (t - r) u.
 Model protocol: ``model(z, r, t, **model_kwargs) -> u`` shaped like ``z``.
 """
 
-from meanflow_losses import adapters, diagnostics, ema, presets, schedules
+from meanflow_losses import adapters, diagnostics, ema, forward_ad, model_checks, presets, schedules
 from meanflow_losses._validate import value_checks
+from meanflow_losses.conditioning import Conditioning, shared
 from meanflow_losses.conventions import conditional_velocity, interpolate
 from meanflow_losses.guidance import TrainingGuidance, null_class
-from meanflow_losses.jvp import JVP_STRATEGIES, time_derivative
+from meanflow_losses.jvp import JVP_STRATEGIES, MissingTangentError, time_derivative
+from meanflow_losses.model_checks import MeanFlowWarning, check_model
 from meanflow_losses.objectives import (
     AlphaFlowLoss,
     DyadicPairSampler,
     FlowMatchingLoss,
     LossOutput,
     MeanFlowLoss,
+    NonFiniteError,
     ShortcutLoss,
     SplitMeanFlowLoss,
 )
@@ -30,11 +33,15 @@ __all__ = [
     "OBJECTIVES",
     "AdaptiveWeight",
     "AlphaFlowLoss",
+    "Conditioning",
     "DyadicPairSampler",
     "FlowMatchingLoss",
     "LossOutput",
     "MeanFlowLoss",
+    "MeanFlowWarning",
     "MinSNRWeight",
+    "MissingTangentError",
+    "NonFiniteError",
     "ProgressiveIntervalWeight",
     "ShortcutLoss",
     "SplitMeanFlowLoss",
@@ -44,17 +51,21 @@ __all__ = [
     "TrainingGuidance",
     "__version__",
     "adapters",
+    "check_model",
     "conditional_velocity",
     "diagnostics",
     "ema",
+    "forward_ad",
     "interpolate",
     "make_grid",
     "make_objective",
+    "model_checks",
     "null_class",
     "objective_class",
     "presets",
     "sample",
     "schedules",
+    "shared",
     "time_derivative",
     "value_checks",
 ]

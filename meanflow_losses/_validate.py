@@ -7,6 +7,8 @@ what was expected, so that bad input never becomes a silent wrong answer.
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -15,10 +17,12 @@ from torch import Tensor
 
 __all__ = [
     "check_batch",
+    "check_bool",
+    "check_int",
     "check_model_output",
+    "check_real",
     "check_same_shape",
     "check_times",
-    "select_rows",
     "value_checks",
 ]
 
@@ -48,6 +52,61 @@ def _values_on() -> bool:
     return _VALUE_CHECKS[-1]
 
 
+def check_real(
+    name: str,
+    value: Any,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> float:
+    """Check that ``value`` is a finite real number (not a bool or a string) within the given bounds.
+
+    Args:
+        name: Argument name used in the message.
+        value: The value (``int``, ``float``, NumPy or 0-dim tensor scalar).
+        lo: Lower bound, or ``None``.
+        hi: Upper bound, or ``None``.
+        lo_open: Exclude ``lo`` itself.
+        hi_open: Exclude ``hi`` itself.
+
+    Returns:
+        ``value`` as a ``float``.
+    """
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_complex and value.dtype != torch.bool:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    left = "(" if lo_open or lo is None else "["
+    right = ")" if hi_open or hi is None else "]"
+    bounds = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if lo is not None and (v < lo or (lo_open and v == lo)):
+        raise ValueError(f"{name} must lie in {bounds}, got {value!r}")
+    if hi is not None and (v > hi or (hi_open and v == hi)):
+        raise ValueError(f"{name} must lie in {bounds}, got {value!r}")
+    return v
+
+
+def check_int(name: str, value: Any, *, lo: int | None = None) -> int:
+    """Check that ``value`` is an integer (not a bool, not a float such as ``2.5``), at least ``lo``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if lo is not None and value < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+    return int(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Check that ``value`` is a ``bool`` (``0``, ``1`` or ``"yes"`` are refused)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return value
+
+
 def check_batch(name: str, x: Any, *, min_ndim: int = 2) -> Tensor:
     """Check that ``x`` is a finite floating-point batch of at least ``min_ndim`` dimensions."""
     if not isinstance(x, Tensor):
@@ -65,14 +124,21 @@ def check_batch(name: str, x: Any, *, min_ndim: int = 2) -> Tensor:
     return x
 
 
-def check_same_shape(name: str, y: Any, ref_name: str, ref: Tensor) -> Tensor:
-    """Check that ``y`` is a finite floating tensor with exactly the shape of ``ref``."""
+def check_same_shape(name: str, y: Any, ref_name: str, ref: Tensor, *, same_dtype: bool = True) -> Tensor:
+    """Check that ``y`` is a finite floating tensor with exactly the shape (and, by default, dtype) of ``ref``."""
     if not isinstance(y, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
     if tuple(y.shape) != tuple(ref.shape):
         raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(y.shape)}")
     if not y.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {y.dtype}")
+    if same_dtype and y.dtype != ref.dtype:
+        raise TypeError(
+            f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {y.dtype}: cast it with "
+            f"{name}.to({ref_name}.dtype) (no silent promotion)"
+        )
+    if y.device != ref.device:
+        raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {y.device}")
     if _values_on() and not bool(torch.isfinite(y).all()):
         raise ValueError(f"{name} contains non-finite values (NaN or inf)")
     return y
@@ -112,7 +178,14 @@ def check_r_le_t(r: Tensor, t: Tensor) -> None:
 def check_model_output(u: Any, z: Tensor, *, who: str = "model") -> Tensor:
     """Check that a network returned a tensor shaped like its input ``z``."""
     if not isinstance(u, Tensor):
-        raise TypeError(f"{who}(z, r, t, **model_kwargs) must return a Tensor, got {type(u).__name__}")
+        hint = ""
+        if hasattr(u, "sample") or isinstance(u, tuple):
+            hint = " (a diffusers model returns an output object: wrap it so that it returns .sample)"
+        raise TypeError(f"{who}(z, r, t, **model_kwargs) must return a Tensor, got {type(u).__name__}{hint}")
+    if not u.is_floating_point():
+        raise TypeError(
+            f"{who}(z, r, t, **model_kwargs) must return a real floating-point tensor, got dtype {u.dtype}"
+        )
     if tuple(u.shape) != tuple(z.shape):
         raise ValueError(
             f"{who}(z, r, t, **model_kwargs) must return a tensor of the shape of z {tuple(z.shape)}, "
@@ -130,58 +203,3 @@ def check_model_kwargs(model_kwargs: Any) -> dict[str, Any]:
             f"model_kwargs must be a dict of keyword arguments for the model, got {type(model_kwargs).__name__}"
         )
     return dict(model_kwargs)
-
-
-def select_rows(model_kwargs: Mapping[str, Any], index: Tensor, batch_size: int) -> dict[str, Any]:
-    """Select rows of every batched entry of ``model_kwargs``.
-
-    A tensor whose first dimension equals ``batch_size`` is treated as per-sample and indexed; every
-    other value (scalars, non-batched tensors, strings) is passed through unchanged.
-
-    Args:
-        model_kwargs: Conditioning for the model.
-        index: Row indices, shape ``(n,)``, integer dtype.
-        batch_size: ``B``, the batch size of the data.
-
-    Returns:
-        A new dict with the selected rows.
-    """
-    out: dict[str, Any] = {}
-    for k, val in model_kwargs.items():
-        if isinstance(val, Tensor) and val.ndim > 0 and val.shape[0] == batch_size:
-            out[k] = val.index_select(0, index.to(val.device))
-        else:
-            out[k] = val
-    return out
-
-
-def where_rows(mask: Tensor, a: Mapping[str, Any], b: Mapping[str, Any], batch_size: int) -> dict[str, Any]:
-    """Row-wise choice between two conditioning dicts: ``a`` where ``mask`` else ``b``.
-
-    Args:
-        mask: Boolean rows, shape ``(B,)``.
-        a: Conditioning used on rows where ``mask`` is true (for example the null condition).
-        b: Conditioning used elsewhere.
-        batch_size: ``B``.
-
-    Raises:
-        ValueError: if the two dicts have different keys, or a non-batched entry differs.
-    """
-    if set(a) != set(b):
-        raise ValueError(
-            f"guidance.null_condition must return the same keys as model_kwargs, got {sorted(a)} vs {sorted(b)}"
-        )
-    out: dict[str, Any] = {}
-    for k in b:
-        va, vb = a[k], b[k]
-        if isinstance(vb, Tensor) and vb.ndim > 0 and vb.shape[0] == batch_size:
-            if not isinstance(va, Tensor) or va.shape != vb.shape:
-                raise ValueError(
-                    f"guidance.null_condition must keep the shape of model_kwargs[{k!r}] {tuple(vb.shape)}, "
-                    f"got {tuple(va.shape) if isinstance(va, Tensor) else type(va).__name__}"
-                )
-            m = mask.to(vb.device).reshape(batch_size, *([1] * (vb.ndim - 1)))
-            out[k] = torch.where(m, va.to(vb.dtype), vb)
-        else:
-            out[k] = vb
-    return out

@@ -13,6 +13,7 @@ converted at the boundary by :mod:`meanflow_losses.adapters`, never inside an ob
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 __all__ = ["append_dims", "conditional_velocity", "interpolate", "step"]
@@ -71,4 +72,5 @@ def step(z: Tensor, u: Tensor, r: Tensor, t: Tensor) -> Tensor:
     Returns:
         ``z_r``, shape ``(B, *D)``.
     """
-    return z - append_dims((t - r).to(z.dtype), z) * u
+    gap = append_dims(t - r, z)
+    return (z - gap.to(torch.promote_types(z.dtype, gap.dtype)) * u).to(z.dtype)

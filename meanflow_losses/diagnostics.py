@@ -15,6 +15,11 @@ below -0.4 for most of MeanFlow training. Every JVP objective returns these term
 
 To skip even the small cost of building the decomposition on other steps, set ``mf.decompose =
 tracker.due(k)`` before the call.
+
+The model check (:func:`check_model`, from :mod:`meanflow_losses.model_checks`) lives here too: run it once on a
+new network to catch what breaks MeanFlow's du/dt (``t * 1000`` embeddings, cut time paths, label dropout)::
+
+    print(mfl.diagnostics.check_model(model, x, model_kwargs={"y": y}))
 """
 
 from __future__ import annotations
@@ -28,18 +33,36 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ConflictTracker", "GradientCosines", "PairStats", "gradient_cosines"]
+from meanflow_losses.model_checks import Finding, MeanFlowWarning, ModelReport, check_model
+
+__all__ = [
+    "ConflictTracker",
+    "Finding",
+    "GradientCosines",
+    "MeanFlowWarning",
+    "ModelReport",
+    "PairStats",
+    "check_model",
+    "gradient_cosines",
+]
 
 Pair = tuple[str, str]
 ParamsLike = nn.Module | Iterable[Tensor]
 
 
 def _params(obj: ParamsLike, name: str) -> list[Tensor]:
+    """Trainable parameters of a module or iterable, each once (a parameter shared by two modules counts once)."""
     params = list(obj.parameters()) if isinstance(obj, nn.Module) else list(obj)
     for p in params:
         if not isinstance(p, Tensor):
             raise TypeError(f"{name} must hold tensors (parameters), got {type(p).__name__}")
-    params = [p for p in params if p.requires_grad]
+    seen: set[int] = set()
+    unique = []
+    for p in params:
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            unique.append(p)
+    params = unique
     if not params:
         raise ValueError(f"{name} has no parameters that require grad")
     return params
@@ -194,6 +217,7 @@ class ConflictTracker:
         self.steps: list[int] = []
         self.cosines: dict[Pair, list[float]] = {}
         self.norms: dict[str, list[float]] = {}
+        self.pair_steps: dict[Pair, list[int]] = {}
 
     def due(self, step: int) -> bool:
         """Whether ``step`` is a measurement step."""
@@ -229,18 +253,20 @@ class ConflictTracker:
 
     def record(self, result: GradientCosines, *, step: int | None = None) -> None:
         """Record an already computed result."""
-        self.steps.append(len(self.steps) if step is None else int(step))
+        k = len(self.steps) if step is None else int(step)
+        self.steps.append(k)
         for pair, value in result.cosines.items():
             self.cosines.setdefault(pair, []).append(value)
+            self.pair_steps.setdefault(pair, []).append(k)
         for name, value in result.norms.items():
             self.norms.setdefault(name, []).append(value)
 
     def history(self, a: str, b: str) -> tuple[np.ndarray, np.ndarray]:
-        """``(steps, cosines)`` of one pair, as arrays (for plotting)."""
-        values = self.cosines.get((a, b), self.cosines.get((b, a)))
-        if values is None:
+        """``(steps, cosines)`` of one pair, as arrays (for plotting): the steps at which THIS pair was measured."""
+        pair = (a, b) if (a, b) in self.cosines else (b, a)
+        if pair not in self.cosines:
             raise KeyError(f"no measurements for the pair ({a!r}, {b!r}); known pairs: {sorted(self.cosines)}")
-        return np.asarray(self.steps, dtype=np.int64), np.asarray(values, dtype=np.float64)
+        return np.asarray(self.pair_steps[pair], dtype=np.int64), np.asarray(self.cosines[pair], dtype=np.float64)
 
     def summary(self) -> dict[Pair, PairStats]:
         """Mean, 5th and 95th percentiles and the negative share of every pair (NaNs ignored)."""
@@ -265,3 +291,4 @@ class ConflictTracker:
         self.steps.clear()
         self.cosines.clear()
         self.norms.clear()
+        self.pair_steps.clear()

@@ -17,20 +17,20 @@ Example::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from meanflow_losses._validate import check_real
+
 __all__ = ["ema_avg_fn", "ema_decay", "ema_multi_avg_fn"]
 
 
 def _check(half_life_steps: float, warmup_ratio: float | None) -> None:
-    if not (math.isfinite(half_life_steps) and half_life_steps > 0):
-        raise ValueError(f"half_life_steps must be a finite number > 0, got {half_life_steps}")
-    if warmup_ratio is not None and not (math.isfinite(warmup_ratio) and warmup_ratio > 0):
-        raise ValueError(f"warmup_ratio must be a finite number > 0 or None, got {warmup_ratio}")
+    check_real("half_life_steps", half_life_steps, lo=0.0, lo_open=True)
+    if warmup_ratio is not None:
+        check_real("warmup_ratio", warmup_ratio, lo=0.0, lo_open=True)
 
 
 def ema_decay(half_life_steps: float, num_updates: int, warmup_ratio: float | None = None) -> float:

@@ -14,15 +14,16 @@ everywhere: in the target and as the JVP tangent.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from meanflow_losses._validate import check_model_output, select_rows, where_rows
+from meanflow_losses._validate import check_bool, check_int, check_real
+from meanflow_losses.conditioning import Conditioning
+from meanflow_losses.passes import no_grad_call
 
 __all__ = ["GuidanceResult", "NullClass", "TrainingGuidance", "apply_guidance", "null_class"]
 
@@ -50,9 +51,10 @@ class NullClass:
 
 def null_class(num_classes: int, key: str = "y") -> NullClass:
     """Null condition for class-conditional models: ``{**kw, key: full_like(kw[key], num_classes)}``."""
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    return NullClass(int(num_classes), key)
+    num_classes = check_int("num_classes", num_classes, lo=1)
+    if not isinstance(key, str):
+        raise TypeError(f"key must be a string (the label entry of model_kwargs), got {type(key).__name__}")
+    return NullClass(num_classes, key)
 
 
 @dataclass(frozen=True)
@@ -84,16 +86,23 @@ class TrainingGuidance:
     guide_dropped_rows: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("omega", "kappa"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"guidance.{name} must be finite, got {getattr(self, name)}")
-        if self.kappa >= 1:
-            raise ValueError(f"guidance.kappa must be < 1 (effective scale omega / (1 - kappa)), got {self.kappa}")
-        lo, hi = self.interval
-        if not (0.0 <= lo <= hi <= 1.0):
+        check_real("guidance.omega", self.omega)
+        check_real("guidance.kappa", self.kappa, hi=1.0, hi_open=True)
+        if not (isinstance(self.interval, (tuple, list)) and len(self.interval) == 2):
+            raise TypeError(f"guidance.interval must be a pair (t_min, t_max), got {self.interval!r}")
+        lo = check_real("guidance.interval[0]", self.interval[0], lo=0.0, hi=1.0)
+        hi = check_real("guidance.interval[1]", self.interval[1], lo=0.0, hi=1.0)
+        if lo > hi:
             raise ValueError(f"guidance.interval must satisfy 0 <= t_min <= t_max <= 1, got {self.interval}")
-        if not (0.0 <= self.drop_prob < 1.0):
-            raise ValueError(f"guidance.drop_prob must lie in [0, 1), got {self.drop_prob}")
+        object.__setattr__(self, "interval", (lo, hi))
+        check_real("guidance.drop_prob", self.drop_prob, lo=0.0, hi=1.0, hi_open=True)
+        check_bool("guidance.drop_only_in_interval", self.drop_only_in_interval)
+        check_bool("guidance.guide_dropped_rows", self.guide_dropped_rows)
+        if self.null_condition is not None and not callable(self.null_condition):
+            raise TypeError(
+                "guidance.null_condition must be a function model_kwargs -> model_kwargs (e.g. mfl.null_class(1000)), "
+                f"got {type(self.null_condition).__name__}"
+            )
         if self.null_condition is None and (self.drop_prob > 0 or self.uncond_weight != 0):
             raise ValueError(
                 "guidance.null_condition is required when drop_prob > 0 or omega + kappa != 1 "
@@ -122,27 +131,16 @@ class GuidanceResult:
 
     Attributes:
         v_tilde: Guided velocity, shape ``(B, *D)``, no gradient.
-        model_kwargs: Conditioning with dropped rows set to the null condition.
+        model_kwargs: Conditioning (decided against the batch) with dropped rows set to the null condition.
         drop_mask: Rows whose condition was dropped, shape ``(B,)``.
         guided_mask: Rows that received the guided mix (in the interval; not dropped unless
             ``guide_dropped_rows``), ``(B,)``.
     """
 
     v_tilde: Tensor
-    model_kwargs: dict[str, Any]
+    model_kwargs: Conditioning
     drop_mask: Tensor
     guided_mask: Tensor
-
-
-def _cat_kwargs(a: Mapping[str, Any], b: Mapping[str, Any], n: int) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, va in a.items():
-        vb = b[k]
-        if isinstance(va, Tensor) and va.ndim > 0 and va.shape[0] == n:
-            out[k] = torch.cat([va, vb.to(va.dtype)], dim=0)
-        else:
-            out[k] = va
-    return out
 
 
 def apply_guidance(
@@ -151,7 +149,7 @@ def apply_guidance(
     z_t: Tensor,
     t: Tensor,
     v: Tensor,
-    model_kwargs: dict[str, Any],
+    model_kwargs: Conditioning | dict[str, Any],
     *,
     drop_mask: Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -164,7 +162,7 @@ def apply_guidance(
         z_t: Noisy inputs, shape ``(B, *D)``.
         t: Times, shape ``(B,)``.
         v: Conditional velocity (or ``v_target``), shape ``(B, *D)``.
-        model_kwargs: Conditioning.
+        model_kwargs: Conditioning (a dict is decided against the batch size here).
         drop_mask: Optional explicit dropout rows, bool ``(B,)``; drawn with ``generator`` when omitted.
         generator: Random generator for the dropout draw.
 
@@ -172,15 +170,18 @@ def apply_guidance(
         :class:`GuidanceResult`.
     """
     batch = z_t.shape[0]
+    cond = model_kwargs if isinstance(model_kwargs, Conditioning) else Conditioning.from_kwargs(model_kwargs, batch)
     if drop_mask is not None:
         if not isinstance(drop_mask, Tensor) or drop_mask.dtype != torch.bool or tuple(drop_mask.shape) != (batch,):
-            raise ValueError(f"drop_mask must be a bool tensor of shape ({batch},)")
+            got = f"{drop_mask.dtype} {tuple(drop_mask.shape)}" if isinstance(drop_mask, Tensor) else type(drop_mask)
+            raise ValueError(f"drop_mask must be a bool tensor of shape ({batch},), got {got}")
         drop_mask = drop_mask.to(z_t.device)
+        if (guidance is None or guidance.null_condition is None) and bool(drop_mask.any()):
+            why = "guidance is None" if guidance is None else "guidance has no null_condition"
+            raise ValueError(f"drop_mask drops rows but {why}: there is no null condition to drop them to")
     if guidance is None:
-        if drop_mask is not None and bool(drop_mask.any()):
-            raise ValueError("drop_mask was given but guidance is None: there is no null condition to drop to")
         none = torch.zeros(batch, dtype=torch.bool, device=z_t.device)
-        return GuidanceResult(v.detach(), model_kwargs, none, none)
+        return GuidanceResult(v.detach(), cond, none, none)
 
     in_iv = guidance.in_interval(t)
     if drop_mask is None:
@@ -188,15 +189,12 @@ def apply_guidance(
         drop_mask = (torch.rand(batch, generator=generator, device=dev) < guidance.drop_prob).to(z_t.device)
         if guidance.drop_only_in_interval:
             drop_mask = drop_mask & in_iv
-    kwargs = model_kwargs
-    null_kwargs: dict[str, Any] | None = None
+    kwargs = cond
+    null: Conditioning | None = None
     if guidance.null_condition is not None:
-        null_kwargs = guidance.null_condition(dict(model_kwargs))
-        if not isinstance(null_kwargs, Mapping):
-            raise TypeError("guidance.null_condition must return a dict of model keyword arguments")
-        null_kwargs = dict(null_kwargs)
+        null = cond.replace(guidance.null_condition(dict(cond.kwargs)), "guidance.null_condition")
         if bool(drop_mask.any()):
-            kwargs = where_rows(drop_mask, null_kwargs, model_kwargs, batch)
+            kwargs = cond.where(drop_mask, null)
 
     guided = in_iv if guidance.guide_dropped_rows else in_iv & ~drop_mask
     v_tilde = v.detach()
@@ -206,26 +204,22 @@ def apply_guidance(
         n = idx.numel()
         z_g, t_g = z_t.detach().index_select(0, idx), t.index_select(0, idx)
         # the conditional term uses each row's own condition (the null one on dropped rows when they are guided)
-        cond_g = select_rows(kwargs, idx, batch)
-        with torch.no_grad():
-            if w_c != 0 and w_u != 0:
-                assert null_kwargs is not None
-                null_g = select_rows(null_kwargs, idx, batch)
-                z2, t2 = torch.cat([z_g, z_g]), torch.cat([t_g, t_g])
-                out = target_model(z2, t2, t2, **_cat_kwargs(cond_g, null_g, n))
-                out = check_model_output(out, z2, who="target_model")
-                u_c, u_u = out[:n], out[n:]
-            elif w_c != 0:
-                u_c = check_model_output(target_model(z_g, t_g, t_g, **cond_g), z_g, who="target_model")
-                u_u = torch.zeros_like(u_c)
-            elif w_u != 0:
-                assert null_kwargs is not None
-                null_g = select_rows(null_kwargs, idx, batch)
-                u_u = check_model_output(target_model(z_g, t_g, t_g, **null_g), z_g, who="target_model")
-                u_c = torch.zeros_like(u_u)
-            else:
-                u_c = u_u = torch.zeros_like(z_g)
-            v_g = v.detach().index_select(0, idx)
-            new = guidance.omega * v_g + w_c * u_c.to(v.dtype) + w_u * u_u.to(v.dtype)
-            v_tilde = v_tilde.index_copy(0, idx, new)
+        cond_g = kwargs.select(idx)
+        u_c = u_u = None
+        if w_c != 0 and w_u != 0:
+            assert null is not None
+            z2, t2 = torch.cat([z_g, z_g]), torch.cat([t_g, t_g])
+            out = no_grad_call(target_model, z2, t2, t2, cond_g.concat(null.select(idx)))
+            u_c, u_u = out[:n], out[n:]
+        elif w_c != 0:
+            u_c = no_grad_call(target_model, z_g, t_g, t_g, cond_g)
+        elif w_u != 0:
+            assert null is not None
+            u_u = no_grad_call(target_model, z_g, t_g, t_g, null.select(idx))
+        new = guidance.omega * v.detach().index_select(0, idx)
+        if u_c is not None:
+            new = new + w_c * u_c.to(v.dtype)
+        if u_u is not None:
+            new = new + w_u * u_u.to(v.dtype)
+        v_tilde = v_tilde.index_copy(0, idx, new)
     return GuidanceResult(v_tilde, kwargs, drop_mask, guided)

@@ -11,17 +11,19 @@ one forward-mode JVP of ``model(z, r, t)`` along the tangent :math:`(\dot z, \do
 * ``"nograd"`` (default): forward-mode AD (``torch.autograd.forward_ad``) under ``torch.no_grad`` on the
   ``target_model``; the objective then runs one ordinary gradient forward. Memory like flow matching;
   works with DDP (JVP on the unwrapped module, the gradient forward through the wrapper) and with
-  activation checkpointing.
+  activation checkpointing. A stochastic network (dropout) draws its own masks in the JVP pass.
 * ``"joint"``: forward-mode AD with gradient through the primal output, so one call yields both ``u``
-  (differentiable) and ``du/dt``. Suits ``torch.compile``; records the tangent computation on the autograd
-  graph (several times the activation memory) and fails through DDP and checkpointing.
-* ``"finite_difference"``: central difference
-  :math:`[u(z + \epsilon\tilde v, r, t + \epsilon) - u(z - \epsilon\tilde v, r, t - \epsilon)] / 2\epsilon`
-  in one batched no-grad forward; works with any attention kernel; error :math:`O(\epsilon^2)`.
+  (differentiable) and ``du/dt`` with the SAME dropout masks. Records the tangent computation on the autograd
+  graph (more activation memory) and fails through DDP and checkpointing.
+* ``"finite_difference"``: :math:`[u(z + a\tilde v, r, t + a) - u(z + b\tilde v, r, t + b)] / (a - b)`, two no-grad
+  passes that draw the same dropout masks; central (:math:`a = \epsilon = -b`) wherever
+  :math:`[t - \epsilon, t + \epsilon] \subset [r, 1]`, and shifted into the domain at its edges (so a network never
+  sees ``t > 1`` or ``t < r``); works with any attention kernel; error :math:`O(\epsilon^2)` in the interior.
 
-Fused scaled-dot-product-attention kernels have no forward-AD rule, so the AD strategies switch SDPA to the
-math backend for the JVP only (the gradient forward keeps the fast kernel). With ``fp32=True`` autocast is
-disabled inside the JVP and low-precision inputs are cast to float32.
+Every forward-mode pass runs inside :func:`~meanflow_losses.forward_ad.forward_ad_context`, which makes the
+operators that break under forward AD safe (fused attention, non-contiguous GroupNorm, the MHA fast path,
+compiled modules). Every no-grad pass leaves the network's buffers untouched. With ``fp32=True`` half-precision
+inputs, autocast and half-precision weights are all taken to float32 for the JVP.
 """
 
 from __future__ import annotations
@@ -29,17 +31,35 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.autograd.forward_ad as fwAD
-from torch import Tensor
+from torch import Tensor, nn
 
-from meanflow_losses._validate import check_model_output
+from meanflow_losses.conditioning import Conditioning
+from meanflow_losses.conventions import append_dims
+from meanflow_losses.forward_ad import eager_module, forward_ad_context
+from meanflow_losses.passes import call, preserve_buffers, same_randomness
 
-__all__ = ["JVP_STRATEGIES", "JVPResult", "jvp_context", "time_derivative"]
+__all__ = [
+    "JVP_STRATEGIES",
+    "JVPResult",
+    "JVPStrategy",
+    "MissingTangentError",
+    "default_fd_eps",
+    "finite_difference_points",
+    "jvp_context",
+    "time_derivative",
+]
 
+JVPStrategy = Literal["nograd", "joint", "finite_difference"]
 JVP_STRATEGIES: tuple[str, ...] = ("nograd", "joint", "finite_difference")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class MissingTangentError(RuntimeError):
+    """Forward-mode AD produced no tangent although the output depends on ``z`` or ``t``."""
 
 
 @dataclass
@@ -47,45 +67,39 @@ class JVPResult:
     """Output of :func:`time_derivative`.
 
     Attributes:
-        dudt: :math:`du/dt`, shape ``(n, *D)``, detached.
-        u: The primal ``u(z, r, t)``, shape ``(n, *D)``: differentiable for ``"joint"``, detached otherwise
-            (``None`` for ``"finite_difference"``).
+        dudt: :math:`du/dt`, shape ``(n, *D)``, detached, in the dtype the JVP was computed in (float32 for
+            half-precision inputs under ``fp32=True``, else the dtype of ``z``).
+        u: The primal ``u(z, r, t)``, shape ``(n, *D)``: differentiable for ``"joint"``, detached for
+            ``"nograd"``, ``None`` for ``"finite_difference"``.
     """
 
     dudt: Tensor
     u: Tensor | None
 
 
-def check_strategy(strategy: str) -> str:
+def check_strategy(strategy: Any) -> str:
     """Check that ``strategy`` names a JVP strategy."""
-    if strategy not in JVP_STRATEGIES:
+    if not isinstance(strategy, str) or strategy not in JVP_STRATEGIES:
         raise ValueError(f"jvp must be one of {JVP_STRATEGIES}, got {strategy!r}")
     return strategy
 
 
-def _math_sdpa() -> contextlib.AbstractContextManager[Any]:
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - very old torch
-        return contextlib.nullcontext()
-    return sdpa_kernel(SDPBackend.MATH)
-
-
 @contextlib.contextmanager
 def jvp_context(device_type: str, *, fp32: bool = True, math_attention: bool = True) -> Iterator[bool]:
-    """Context for a JVP: math SDPA backend, and autocast disabled when ``fp32``.
+    """Autocast disabled when ``fp32`` and, when ``math_attention``, the forward-AD-safe operator routing.
 
     Args:
         device_type: ``"cpu"`` or ``"cuda"``: which autocast to disable.
         fp32: Disable autocast inside the block.
-        math_attention: Switch scaled-dot-product attention to the math backend.
+        math_attention: Enter :func:`~meanflow_losses.forward_ad.forward_ad_context` (math SDPA backend and the
+            other routes).
 
     Yields:
-        Whether autocast was switched off (then half-precision inputs are cast to float32).
+        Whether autocast was switched off.
     """
     with contextlib.ExitStack() as stack:
         if math_attention:
-            stack.enter_context(_math_sdpa())
+            stack.enter_context(forward_ad_context())
         cast = False
         if fp32 and torch.is_autocast_enabled(device_type):
             cast = True
@@ -93,19 +107,54 @@ def jvp_context(device_type: str, *, fp32: bool = True, math_attention: bool = T
         yield cast
 
 
-def _cat_rows(kw: Mapping[str, Any], n: int) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, val in kw.items():
-        if isinstance(val, Tensor) and val.ndim > 0 and val.shape[0] == n:
-            out[k] = torch.cat([val, val], dim=0)
-        else:
-            out[k] = val
-    return out
-
-
 def default_fd_eps(dtype: torch.dtype) -> float:
     r"""Step of the central difference: :math:`\epsilon_{mach}^{1/3}` (6e-6 in float64, 5e-3 in float32)."""
     return float(torch.finfo(dtype).eps) ** (1.0 / 3.0)
+
+
+def finite_difference_points(r: Tensor, t: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    r"""The two times :math:`t + a \ge t + b` of the difference quotient, inside :math:`[r, 1]`.
+
+    Central :math:`(t + \epsilon, t - \epsilon)` where the whole stencil fits; at an edge the stencil keeps its
+    width :math:`2\epsilon` and is shifted into the domain (one-sided), and where the domain is shorter than
+    :math:`2\epsilon` it spans the whole domain.
+
+    Args:
+        r: End times, shape ``(n,)``.
+        t: Start times, shape ``(n,)``, ``r <= t <= 1``.
+        eps: Half-width :math:`\epsilon > 0`.
+
+    Returns:
+        ``(hi, lo)``, shape ``(n,)`` each, with ``r <= lo <= hi <= 1``.
+    """
+    hi = torch.clamp(t + eps, max=1.0)
+    lo = torch.maximum(t - eps, r)
+    top = hi < t + eps  # the stencil hit t = 1: push it down
+    lo = torch.where(top, torch.maximum(hi - 2 * eps, r), lo)
+    bottom = (~top) & (lo > t - eps)  # the stencil hit r: push it up
+    hi = torch.where(bottom, torch.clamp(lo + 2 * eps, max=1.0), hi)
+    return hi, lo
+
+
+def _has_half_weights(model: Any) -> bool:
+    if not isinstance(model, nn.Module):
+        return False
+    return any(p.dtype in _HALF for p in model.parameters()) or any(b.dtype in _HALF for b in model.buffers())
+
+
+def float32_view(model: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``model`` evaluated with float32 copies of its half-precision parameters and buffers (differentiable)."""
+    if not isinstance(model, nn.Module):
+        return model
+    tensors = {
+        name: (v.float() if v.dtype in _HALF else v)
+        for name, v in [*model.named_parameters(), *model.named_buffers()]
+    }
+
+    def run(z: Tensor, r: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
+        return torch.func.functional_call(model, tensors, (z, r, t), kwargs, strict=False)
+
+    return run
 
 
 def time_derivative(
@@ -114,9 +163,9 @@ def time_derivative(
     r: Tensor,
     t: Tensor,
     tangent: Tensor,
-    model_kwargs: Mapping[str, Any] | None = None,
+    model_kwargs: Conditioning | Mapping[str, Any] | None = None,
     *,
-    strategy: str = "nograd",
+    strategy: JVPStrategy = "nograd",
     fp32: bool = True,
     math_attention: bool = True,
     fd_eps: float | None = None,
@@ -129,64 +178,101 @@ def time_derivative(
         r: End times, shape ``(n,)``.
         t: Start times, shape ``(n,)``.
         tangent: :math:`\dot z` (the guided velocity), shape ``(n, *D)``.
-        model_kwargs: Conditioning, rows aligned with ``z``.
+        model_kwargs: Conditioning with ``n`` rows: a dict (its per-row entries are decided against ``n``) or a
+            :class:`~meanflow_losses.conditioning.Conditioning` decided earlier against the whole batch.
         strategy: ``"nograd"``, ``"joint"`` or ``"finite_difference"``.
-        fp32: Under autocast, run the JVP in float32 with autocast disabled. Without autocast the JVP runs in
-            the model's own dtype (a model converted with ``.bfloat16()`` stays in bfloat16).
-        math_attention: Use the math SDPA backend during forward-mode AD.
+        fp32: Run the JVP in float32: under autocast, autocast is disabled and half-precision inputs are cast; an
+            ``nn.Module`` with half-precision weights (``.half()`` / ``.bfloat16()``) is evaluated with float32
+            copies of them (and float32 inputs). A plain function with half inputs runs in their dtype.
+        math_attention: Make forward AD safe on the fragile operators (math SDPA backend and the other routes of
+            :mod:`meanflow_losses.forward_ad`); only for the AD strategies.
         fd_eps: Finite-difference step (default :func:`default_fd_eps` of the compute dtype).
 
     Returns:
-        :class:`JVPResult` with ``dudt`` in the dtype of ``z``.
+        :class:`JVPResult`.
+
+    Raises:
+        MissingTangentError: forward AD lost the tangent although the output depends on ``z`` or ``t``.
     """
     check_strategy(strategy)
-    kw = dict(model_kwargs or {})
-    out_dtype = z.dtype
+    cond = model_kwargs
+    if not isinstance(cond, Conditioning):
+        cond = Conditioning.from_kwargs(model_kwargs, z.shape[0])
     z_in, tan_in, r_in, t_in = z.detach(), tangent.detach(), r.detach(), t.detach()
-    use_math = math_attention and strategy != "finite_difference"
-    with jvp_context(z.device.type, fp32=fp32, math_attention=use_math) as cast:
-        if cast and z_in.dtype in (torch.float16, torch.bfloat16):
-            z_in, tan_in = z_in.float(), tan_in.float()
-            r_in, t_in = r_in.float(), t_in.float()
+    use_routes = math_attention and strategy != "finite_difference"
+    with jvp_context(z.device.type, fp32=fp32, math_attention=use_routes) as autocast_off:
+        half_weights = fp32 and _has_half_weights(model)
+        if autocast_off or half_weights:
+            z_in, tan_in, r_in, t_in = (a.float() if a.dtype in _HALF else a for a in (z_in, tan_in, r_in, t_in))
+        fn = float32_view(model) if half_weights else model
+        if use_routes:
+            fn = eager_module(fn)
         if strategy == "finite_difference":
-            n = z_in.shape[0]
             eps = default_fd_eps(z_in.dtype) if fd_eps is None else float(fd_eps)
             if not eps > 0:
                 raise ValueError(f"fd_eps must be > 0, got {fd_eps}")
-            zz = torch.cat([z_in + eps * tan_in, z_in - eps * tan_in])
-            rr = torch.cat([r_in, r_in])
-            tt = torch.cat([t_in + eps, t_in - eps])
-            with torch.no_grad():
-                out = check_model_output(model(zz, rr, tt, **_cat_rows(kw, n)), zz, who="target_model")
-            dudt = (out[:n] - out[n:]) / (2 * eps)
-            return JVPResult(dudt=dudt.to(out_dtype), u=None)
-
-        grad_ctx = torch.no_grad() if strategy == "nograd" else contextlib.nullcontext()
-        with grad_ctx:
-            u, dudt = _forward_ad_jvp(model, z_in, r_in, t_in, tan_in, kw)
+            with torch.no_grad(), preserve_buffers(model):
+                dudt = _difference_quotient(fn, z_in, r_in, t_in, tan_in, cond, eps, who="target_model")
+            return JVPResult(dudt=dudt, u=None)
+        who = "target_model" if strategy == "nograd" else "model"
         if strategy == "nograd":
-            check_model_output(u, z_in, who="target_model")
-            return JVPResult(dudt=dudt.detach().to(out_dtype), u=u.detach())
-        check_model_output(u, z_in, who="model")
-        return JVPResult(dudt=dudt.detach().to(out_dtype), u=u)
+            with torch.no_grad(), preserve_buffers(model):
+                u, dudt = _dual_call(fn, z_in, r_in, t_in, tan_in, cond, who)
+            return JVPResult(dudt=dudt.detach(), u=u.detach())
+        u, dudt = _dual_call(fn, z_in, r_in, t_in, tan_in, cond, who)
+        return JVPResult(dudt=dudt.detach(), u=u)
 
 
-def _forward_ad_jvp(
-    model: Callable[..., Tensor], z: Tensor, r: Tensor, t: Tensor, tangent: Tensor, kw: Mapping[str, Any]
+def _difference_quotient(
+    model: Callable[..., Tensor],
+    z: Tensor,
+    r: Tensor,
+    t: Tensor,
+    tangent: Tensor,
+    cond: Conditioning,
+    eps: float,
+    *,
+    who: str,
+) -> Tensor:
+    """Two passes at the :func:`finite_difference_points`, with the same random draws; shape of ``z``."""
+    hi, lo = finite_difference_points(r, t, eps)
+    width = hi - lo
+    if bool((width <= 0).any()):
+        i = int((width <= 0).nonzero()[0])
+        raise ValueError(
+            f"finite_difference needs r < t or t < 1 on every row (row {i}: r = t = {float(t[i])}): the domain "
+            "[r, 1] of the time derivative is a single point there"
+        )
+    with same_randomness(z.device):
+        u_hi = call(model, z + append_dims(hi - t, z).to(z.dtype) * tangent, r, hi, cond, who=who)
+    u_lo = call(model, z + append_dims(lo - t, z).to(z.dtype) * tangent, r, lo, cond, who=who)
+    return (u_hi - u_lo) / append_dims(width, u_hi).to(u_hi.dtype)
+
+
+def _dual_call(
+    model: Callable[..., Tensor], z: Tensor, r: Tensor, t: Tensor, tangent: Tensor, cond: Conditioning, who: str
 ) -> tuple[Tensor, Tensor]:
     """One forward-mode pass with dual inputs ``(z, v)`` and ``(t, 1)``; ``r`` carries no tangent.
 
-    ``torch.autograd.forward_ad`` is used rather than ``torch.func.jvp``: it computes the same JVP with
-    less per-operation overhead (measured about 10% faster on the benchmark MLP) and composes with
-    reverse-mode autograd for the ``"joint"`` strategy.
+    ``torch.autograd.forward_ad`` is used rather than ``torch.func.jvp``: it computes the same JVP with less
+    per-operation overhead (measured about 10% faster on the benchmark MLP) and composes with reverse-mode
+    autograd for the ``"joint"`` strategy.
     """
     with fwAD.dual_level():
         z_d = fwAD.make_dual(z, tangent)
         t_d = fwAD.make_dual(t, torch.ones_like(t))
-        out = model(z_d, r, t_d, **kw)
-        if not isinstance(out, Tensor):
-            raise TypeError(f"model(z, r, t, **model_kwargs) must return a Tensor, got {type(out).__name__}")
+        out = call(model, z_d, r, t_d, cond, who=who)
         u, dudt = fwAD.unpack_dual(out)
-    if dudt is None:  # the output does not depend on z or t
-        dudt = torch.zeros_like(u)
-    return u, dudt
+    if dudt is not None:
+        return u, dudt
+    # No tangent came back. Zeros are right only if the output does not depend on (z, t) at all.
+    with torch.no_grad(), preserve_buffers(model):
+        moved = _difference_quotient(model, z, r, t, tangent, cond, 0.05, who=who)
+    if not bool((moved == 0).all()):
+        raise MissingTangentError(
+            f"forward-mode AD returned no tangent for {who}(z, r, t), yet its output changes with z and t: the "
+            "derivative is cut inside the network. Likely causes: a custom torch.autograd.Function without a "
+            "forward-AD rule (jvp), a .detach() / .data / .item() / integer cast of z or t, or a compiled region "
+            "that the engine could not run eagerly. Remove the cut, or use jvp='finite_difference'."
+        )
+    return u, torch.zeros_like(u)

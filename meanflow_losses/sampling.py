@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from meanflow_losses._validate import check_batch, check_model_kwargs, check_model_output
+from meanflow_losses._validate import check_batch, check_model_kwargs
 from meanflow_losses.adapters import check_protocol
 from meanflow_losses.conventions import step as ode_step
+from meanflow_losses.passes import call
 
 __all__ = ["SAMPLING_METHODS", "make_grid", "sample"]
 
@@ -83,6 +84,9 @@ def sample(
 
     Returns:
         Samples ``(B, *D)`` (and the trajectory when asked).
+
+    The times handed to the network are float32 at least (a bf16 grid would merge nearby times: ``[1, 0.999, 0]``
+    would become one step), whatever the dtype of ``noise``.
     """
     if method not in SAMPLING_METHODS:
         raise ValueError(f"method must be one of {SAMPLING_METHODS}, got {method!r}")
@@ -93,17 +97,18 @@ def sample(
     if renoise is not None and len(renoise) != len(times) - 2:
         raise ValueError(f"renoise must hold {len(times) - 2} tensors (one per intermediate time), got {len(renoise)}")
     batch = noise.shape[0]
+    tdtype = torch.promote_types(noise.dtype, torch.float32)
     z = noise
     traj = [z]
     for n, (t_cur, t_next) in enumerate(itertools.pairwise(times)):
-        t = torch.full((batch,), t_cur, dtype=z.dtype, device=z.device)
+        t = torch.full((batch,), t_cur, dtype=tdtype, device=z.device)
         if method == "ode":
-            r = torch.full((batch,), t_next, dtype=z.dtype, device=z.device)
-            u = check_model_output(model(z, r, t, **kw), z)
+            r = torch.full((batch,), t_next, dtype=tdtype, device=z.device)
+            u = call(model, z, r, t, kw)
             z = ode_step(z, u, r, t)
         else:
-            r = torch.zeros(batch, dtype=z.dtype, device=z.device)
-            u = check_model_output(model(z, r, t, **kw), z)
+            r = torch.zeros(batch, dtype=tdtype, device=z.device)
+            u = call(model, z, r, t, kw)
             x_hat = ode_step(z, u, r, t)
             if t_next > 0:
                 if renoise is not None:

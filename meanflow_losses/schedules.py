@@ -18,12 +18,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from meanflow_losses._validate import check_real
+
 __all__ = ["Constant", "Linear", "Sigmoid", "Step"]
 
 
 def _check_finite(name: str, value: float) -> None:
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value}")
+    check_real(name, value)
 
 
 def _check_step(step: int) -> int:
@@ -149,8 +150,7 @@ class Sigmoid:
 
     def __post_init__(self) -> None:
         _check_window(self.start, self.end)
-        if not (math.isfinite(self.gamma) and self.gamma > 0):
-            raise ValueError(f"gamma must be a finite number > 0, got {self.gamma}")
+        check_real("gamma", self.gamma, lo=0.0, lo_open=True)
         _check_finite("initial", self.initial)
         _check_finite("final", self.final)
 

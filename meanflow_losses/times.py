@@ -24,6 +24,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from meanflow_losses._validate import check_real
+
 __all__ = ["TIME_DISTRIBUTIONS", "TimePair", "TimePairSampler", "TimeSampler", "resolve_fraction"]
 
 TIME_DISTRIBUTIONS = ("uniform", "logit_normal")
@@ -63,12 +65,10 @@ class TimeSampler:
     std: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.name not in TIME_DISTRIBUTIONS:
+        if not isinstance(self.name, str) or self.name not in TIME_DISTRIBUTIONS:
             raise ValueError(f"name must be one of {TIME_DISTRIBUTIONS}, got {self.name!r}")
-        if not (math.isfinite(self.std) and self.std > 0):
-            raise ValueError(f"std must be a finite positive number, got {self.std}")
-        if not math.isfinite(self.mean):
-            raise ValueError(f"mean must be finite, got {self.mean}")
+        check_real("std", self.std, lo=0.0, lo_open=True)
+        check_real("mean", self.mean)
 
     def sample(
         self,
@@ -102,12 +102,8 @@ def resolve_fraction(fraction: FractionLike, step: int | None, name: str = "equa
     if callable(fraction):
         if step is None:
             raise ValueError(f"{name} is a schedule (step -> fraction): call the loss with step=<training step>")
-        value = float(fraction(int(step)))
-    else:
-        value = float(fraction)
-    if not (0.0 <= value <= 1.0):
-        raise ValueError(f"{name} must lie in [0, 1], got {value}")
-    return value
+        return check_real(f"{name} (the schedule's value at step {step})", fraction(int(step)), lo=0.0, hi=1.0)
+    return check_real(name, fraction, lo=0.0, hi=1.0)
 
 
 @dataclass(frozen=True)
@@ -136,6 +132,13 @@ class TimePairSampler:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "base", TimeSampler(self.name, self.mean, self.std))
+        if isinstance(self.equal_fraction, (str, bool)) or not (
+            callable(self.equal_fraction) or isinstance(self.equal_fraction, (int, float))
+        ):
+            raise TypeError(
+                "equal_fraction must be a number in [0, 1] or a schedule step -> fraction, got "
+                f"{type(self.equal_fraction).__name__} {self.equal_fraction!r}"
+            )
         if self.equal_draw not in ("pair", "single"):
             raise ValueError(f"equal_draw must be 'pair' or 'single', got {self.equal_draw!r}")
         if not callable(self.equal_fraction):

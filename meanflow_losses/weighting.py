@@ -14,13 +14,13 @@ Per-row weights ``(t, r, step) -> (B,)`` for the objectives' ``velocity_weight``
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from meanflow_losses._validate import check_int, check_real
 from meanflow_losses.times import TimePairSampler
 
 __all__ = [
@@ -84,10 +84,8 @@ class AdaptiveWeight:
     c: float = 1e-3
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.p) and self.p >= 0):
-            raise ValueError(f"p must be a finite number >= 0, got {self.p}")
-        if not (math.isfinite(self.c) and self.c > 0):
-            raise ValueError(f"c must be a finite number > 0, got {self.c}")
+        check_real("p", self.p, lo=0.0)
+        check_real("c", self.c, lo=0.0, lo_open=True)
 
     def __call__(self, sq_error: Tensor) -> Tensor:
         r"""Weights for per-sample squared errors.
@@ -138,8 +136,7 @@ class MinSNRWeight:
     form: str = "v_prediction"
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.gamma) and self.gamma > 0):
-            raise ValueError(f"gamma must be a finite number > 0, got {self.gamma}")
+        check_real("gamma", self.gamma, lo=0.0, lo_open=True)
         if self.form not in MIN_SNR_FORMS:
             raise ValueError(f"form must be one of {MIN_SNR_FORMS}, got {self.form!r}")
 
@@ -205,16 +202,12 @@ class ProgressiveIntervalWeight:
     lam_resolved: float = field(init=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps < 1:
-            raise ValueError(f"total_steps must be a positive integer, got {self.total_steps!r}")
-        if not (math.isfinite(self.k) and self.k > 0):
-            raise ValueError(f"k must be a finite number > 0, got {self.k}")
+        check_int("total_steps", self.total_steps, lo=1)
+        check_real("k", self.k, lo=0.0, lo_open=True)
         if self.lam is None:
             lam = 1.0 / (1.0 - expected_gap(self.times))
         else:
-            lam = float(self.lam)
-            if not (math.isfinite(lam) and lam >= 0):
-                raise ValueError(f"lam must be a finite number >= 0 (or None), got {self.lam}")
+            lam = check_real("lam", self.lam, lo=0.0)
         object.__setattr__(self, "lam_resolved", lam)
 
     def progress(self, step: int) -> float:

@@ -44,7 +44,7 @@ def test_beta_formula_between_the_ends():
         mfl.ProgressiveIntervalWeight(1000)(t, r, None)
     with pytest.raises(ValueError, match="total_steps"):
         mfl.ProgressiveIntervalWeight(0)
-    with pytest.raises(ValueError, match="k must be"):
+    with pytest.raises(ValueError, match="k must lie in"):
         mfl.ProgressiveIntervalWeight(10, k=0.0)
 
 

@@ -19,6 +19,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,17 +29,78 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 import meanflow_losses as mfl
+from examples import cli
+from examples.cli import ConfigError, Range
 from examples.digits.classifier import accuracy, frechet_distance, train_classifier
 from examples.digits.data import NUM_CLASSES, load_digits
 from examples.digits.model import DiT
 from examples.toy2d.train import NullLabel, as_sampler
 
-__all__ = ["DigitsConfig", "main", "run"]
+__all__ = ["HELP", "RANGES", "DigitsConfig", "config_from_argv", "main", "run"]
+
+#: Valid values of every numeric option of :class:`DigitsConfig` (the command line's argparse types).
+RANGES: dict[str, Range] = {
+    "steps": Range(int, 1),
+    "fm_steps": Range(int, 0),
+    "batch": Range(int, 1),
+    "lr": Range(float, 0, lo_open=True),
+    "warmup": Range(int, 0),
+    "ema": Range(float, 0, 1, hi_open=True),
+    "seed": Range(int, 0, 2**32 - 1),
+    "omega": Range(float),
+    "kappa": Range(float, hi=1, hi_open=True),
+    "drop_prob": Range(float, 0, 1, hi_open=True),
+    "equal_fraction": Range(float, 0, 1),
+    "weight_p": Range(float, 0),
+    "width": Range(int, 1),
+    "depth": Range(int, 1),
+    "heads": Range(int, 1),
+    "max_freq": Range(float, 1),  # the time embedders' lowest angular frequency is 1
+    "classifier_steps": Range(int, 1),
+    "per_class": Range(int, 1),
+    "fm_sample_steps": Range(int, 1),
+    "threads": Range(int, 1),
+}
+
+#: Allowed values of the enumerated options.
+CHOICES: dict[str, tuple[str, ...]] = {"time_dist": tuple(mfl.times.TIME_DISTRIBUTIONS)}
+
+#: Help text of every option (``--help`` appends the default).
+HELP: dict[str, str] = {
+    "steps": "MeanFlow training steps of the DiT",
+    "fm_steps": "training steps of the flow-matching baseline (default: the same as --steps; 0 skips it)",
+    "batch": "batch size of both generators",
+    "lr": "Adam learning rate of both generators (peak, after warm-up; then cosine decay)",
+    "warmup": "linear warm-up steps",
+    "ema": "EMA decay of the sampled generators",
+    "seed": "seed of the classifier, the generators and the generated digits",
+    "omega": "training-time guidance: weight of the conditional velocity (scale omega / (1 - kappa))",
+    "kappa": "training-time guidance: weight of the network's conditional velocity",
+    "drop_prob": "label dropout probability (classifier-free training)",
+    "equal_fraction": "MeanFlow: share of r = t rows",
+    "weight_p": "MeanFlow: power p of the adaptive weight 1 / (||D||^2 + 1e-3)^p (0: plain squared error; paper: 1)",
+    "time_dist": "time distribution of both objectives",
+    "width": "token width of the DiT (a multiple of --heads)",
+    "depth": "DiT blocks",
+    "heads": "attention heads of the DiT",
+    "max_freq": "highest angular frequency of the time embedders",
+    "classifier_steps": "training steps of the digit classifier that judges the samples",
+    "per_class": "generated digits per class for the metrics",
+    "fm_sample_steps": "Euler steps of the flow-matching baseline's sampler",
+    "threads": "torch CPU threads",
+    "out": "output folder (metrics.json, checkpoint.pt, samples.png)",
+    "progress": "show the progress bars",
+}
 
 
 @dataclass
 class DigitsConfig:
-    """Options of the digits example."""
+    """Options of the digits example.
+
+    Raises:
+        ConfigError: An option is out of its range (:data:`RANGES`) or choices, or ``width`` is not a multiple
+            of ``heads``.
+    """
 
     steps: int = 3000  # MeanFlow training steps
     fm_steps: int | None = None  # FM baseline steps (default: same as steps; 0 skips the baseline)
@@ -63,6 +125,19 @@ class DigitsConfig:
     threads: int = 1
     out: str = "runs/digits"
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        cli.check_choices(self, CHOICES)
+        cli.check_ranges(self, RANGES)
+        if self.width % self.heads:
+            raise ConfigError(f"width must be a multiple of heads, got width={self.width}, heads={self.heads}",
+                              ("width", "heads"))
+
+    def unused(self, names: Iterable[str]) -> dict[str, str]:
+        """Those of the options ``names`` that have no effect with the other options, each with the reason."""
+        skipped = self.fm_steps == 0
+        return {name: "has no effect with --fm-steps 0 (no flow-matching baseline)"
+                for name in names if skipped and name == "fm_sample_steps"}
 
 
 def _train_generator(cfg: DigitsConfig, objective: Any, steps: int, x: torch.Tensor, y: torch.Tensor,
@@ -208,19 +283,27 @@ def _real_grid(data: Any, per_row: int = 10) -> torch.Tensor:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m examples.digits.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for name, default in asdict(DigitsConfig()).items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(default, bool):
-            p.add_argument(flag, default=default, action=argparse.BooleanOptionalAction)
-        else:
-            p.add_argument(flag, default=default, type=int if name == "fm_steps" else type(default))
+                                formatter_class=cli.HelpFormatter)
+    cli.add_config_options(p, DigitsConfig, HELP, RANGES, CHOICES)
     return p
+
+
+def config_from_argv(argv: list[str] | None = None) -> DigitsConfig:
+    """The options of a command line; every error of them is an argparse usage error (exit status 2) naming the
+    option: a value out of range or choices, an option given that has no effect, or a conflict between options."""
+    parser = _parser()
+    given = cli.parse_explicit(parser, argv)
+    try:
+        cfg = DigitsConfig(**given)
+        cli.check_unused(cfg, given)
+    except ValueError as err:
+        cli.usage_error(parser, err)
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Command-line entry point."""
-    return run(DigitsConfig(**vars(_parser().parse_args(argv))))
+    return run(config_from_argv(argv))
 
 
 if __name__ == "__main__":

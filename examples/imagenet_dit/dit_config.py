@@ -98,6 +98,7 @@ class TrainSection:
     log_every: int = 100
     ckpt_every: int = 10_000
     keep_checkpoints: int = 2
+    max_nonfinite_steps: int = 10  # this many non-finite (skipped) steps in a row stop the run
     grid_every: int = 10_000  # sample grids (EMA, 1 and 2 steps); 0 disables
     grid_images: int = 16
     tensorboard: bool = False
@@ -179,6 +180,8 @@ class Config:
             raise ConfigError(f"train.steps must be >= 1, got {self.train.steps}")
         if not 0 <= self.train.init_step < self.train.steps:
             raise ConfigError(f"train.init_step must lie in [0, train.steps), got {self.train.init_step}")
+        if self.train.max_nonfinite_steps < 1:
+            raise ConfigError(f"train.max_nonfinite_steps must be >= 1, got {self.train.max_nonfinite_steps}")
         if self.train.distributed not in ("ddp", "fsdp2"):
             raise ConfigError(f"train.distributed must be 'ddp' or 'fsdp2', got {self.train.distributed!r}")
         if self.sampling.two_step_method not in ("ode", "consistency"):

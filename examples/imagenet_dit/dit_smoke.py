@@ -122,8 +122,14 @@ def build_tiny_latents(
     return {"images": images, "vae": vae_dir, "latents": work / "latents"}
 
 
-def torchrun(module: str, args: list[str], nproc: int = 2, env: dict | None = None, timeout: float = 300) -> str:
-    """Run ``python -m torch.distributed.run --standalone -m <module>`` from the repository root, one thread each."""
+def torchrun_process(
+    module: str, args: list[str], nproc: int = 2, env: dict | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """Run ``python -m torch.distributed.run --standalone -m <module>`` from the repository root, one thread each.
+
+    Raises:
+        subprocess.TimeoutExpired: the run did not end within ``timeout`` seconds (its processes are killed).
+    """
     cmd = [
         sys.executable,
         "-m",
@@ -137,9 +143,15 @@ def torchrun(module: str, args: list[str], nproc: int = 2, env: dict | None = No
     ]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env or {})}
     full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), full_env.get("PYTHONPATH", "")) if p)
-    res = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def torchrun(module: str, args: list[str], nproc: int = 2, env: dict | None = None, timeout: float = 300) -> str:
+    """:func:`torchrun_process` that must succeed; returns its stdout and stderr."""
+    res = torchrun_process(module, args, nproc, env, timeout)
     if res.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-6000:]}")
+        cmd = " ".join(map(str, res.args))
+        raise RuntimeError(f"{cmd} failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-6000:]}")
     return res.stdout + res.stderr
 
 

@@ -12,6 +12,12 @@ Layout of a prepared directory::
 A shard is built in ``shard_XXXXX.tmp-<pid>/`` and renamed into place, so a half-written shard is never mistaken
 for a finished one. The trainer memory-maps every array, draws a flip per sample and a posterior sample
 ``x = scaling_factor * (mean + std * eps)``, as the papers do.
+
+Checks, each naming the shard (and the row where there is one): at open time what is cheap (every ``.npy`` header,
+dtype and file size, so a truncated file says which rows it lacks; every label against the manifest's classes);
+when a batch is gathered, every row in it is checked for non-finite means and stds, so a NaN row anywhere fails at
+the first step that reads it instead of turning the loss into NaN. A full scan of the latents (~40 GB for
+ImageNet) at open time would cost minutes on every start.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -31,6 +38,9 @@ __all__ = [
     "EpochBatches",
     "LatentDataError",
     "LatentShards",
+    "check_finite_rows",
+    "check_labels",
+    "open_npy",
     "read_manifest",
     "shard_dir",
     "write_shard",
@@ -95,9 +105,101 @@ def shard_is_complete(root: str | os.PathLike, index: int) -> bool:
 
 @dataclass
 class _Shard:
-    mean: np.ndarray
+    path: Path
+    mean: np.ndarray  # (n, F, C, h, w), memory-mapped
     std: np.ndarray
-    labels: np.ndarray
+    labels: np.ndarray  # (n,)
+
+
+def _npy_header(f: BinaryIO) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from the header of an open ``.npy`` file, leaving ``f`` at the first data byte."""
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(f)
+    return tuple(shape), dtype
+
+
+def open_npy(path: Path, where: str, kind: str) -> np.ndarray:
+    """Memory-map ``path`` after checking its header, its dtype kind and that the file holds every row.
+
+    Args:
+        path: a ``.npy`` file of a shard.
+        where: how errors name the shard, e.g. ``"latent shard '/data/lat/shard_00003'"``.
+        kind: the dtype kinds accepted, e.g. ``"f"`` (floating) or ``"iu"`` (integer).
+
+    Raises:
+        LatentDataError: an unreadable header, a wrong dtype, or a file shorter than its header says (it names the
+            rows that are missing).
+    """
+    try:
+        with open(path, "rb") as f:
+            shape, dtype = _npy_header(f)
+            offset = f.tell()
+        size = path.stat().st_size
+    except (OSError, ValueError, EOFError) as err:  # missing file, not a .npy, bad header
+        raise _unreadable(path, where, err) from err
+    if dtype.kind not in kind:
+        raise LatentDataError(f"{where} is corrupt: {path.name} has dtype {dtype}, expected kind {kind!r}")
+    rows = shape[0] if shape else 1
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    if size < offset + rows * row_bytes:
+        whole = (size - offset) // row_bytes if row_bytes else rows
+        raise LatentDataError(
+            f"{where} is corrupt: {path.name} is truncated ({size} bytes, its header promises {shape} {dtype}): "
+            f"rows {whole} to {rows - 1} are missing; delete the shard and rerun prepare_latents.py to rebuild it"
+        )
+    try:
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as err:
+        raise _unreadable(path, where, err) from err
+
+
+def _unreadable(path: Path, where: str, err: Exception) -> LatentDataError:
+    return LatentDataError(
+        f"{where} is corrupt: {path.name} is unreadable ({type(err).__name__}: {err}); delete the shard and "
+        "rerun prepare_latents.py to rebuild it"
+    )
+
+
+def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+    """Raise naming the first row whose label lies outside ``[0, num_classes)``.
+
+    ``num_classes`` itself is refused too: it is the DiT's null class (guidance), so such a row would train as
+    "unconditional" without any error.
+
+    Args:
+        labels: (n,) integer labels of every row of a shard.
+        num_classes: the number of classes in the manifest.
+        where: how the error names the shard.
+    """
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        i = int(np.argmax(bad))
+        value = int(labels[i])
+        null = " (= num_classes: the null class of guidance)" if value == num_classes else ""
+        raise LatentDataError(
+            f"{where} is corrupt: labels.npy row {i} holds label {value}{null}, outside [0, "
+            f"{num_classes}) for the manifest's {num_classes} classes; delete the shard and rerun prepare_latents.py"
+        )
+
+
+def check_finite_rows(arrays: dict[str, np.ndarray], rows: np.ndarray, where: str, first_image: int) -> None:
+    """Raise naming the first of ``rows`` that holds a non-finite value in any of ``arrays``.
+
+    Args:
+        arrays: name (``"mean"``, ``"std"``) -> (n, ...) values read from that shard's rows ``rows``.
+        rows: (n,) shard row of each value row.
+        where: how the error names the shard.
+        first_image: the dataset index of shard row 0 (the error gives both).
+    """
+    for name, values in arrays.items():
+        bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+        if bad.any():
+            row = int(rows[int(np.argmax(bad))])
+            raise LatentDataError(
+                f"{where} is corrupt: {name}.npy row {row} (dataset image {first_image + row}) holds non-finite "
+                "values; delete the shard and rerun prepare_latents.py to rebuild it"
+            )
 
 
 class LatentShards:
@@ -134,12 +236,12 @@ class LatentShards:
             )
         try:
             meta = json.loads((d / "meta.json").read_text())
-            arrays = {k: np.load(d / f"{k}.npy", mmap_mode="r") for k in ("mean", "std", "labels")}
-        except (OSError, ValueError, EOFError) as err:  # truncated .npy, bad header, bad JSON
+        except (OSError, ValueError) as err:  # bad JSON, bad bytes
             raise LatentDataError(
-                f"{where} is corrupt ({type(err).__name__}: {err}); delete it and rerun "
+                f"{where} is corrupt (meta.json: {type(err).__name__}: {err}); delete it and rerun "
                 "prepare_latents.py to rebuild it"
             ) from err
+        arrays = {k: open_npy(d / f"{k}.npy", where, "iu" if k == "labels" else "f") for k in ("mean", "std", "labels")}
         n = int(meta.get("count", -1))
         if n <= 0 or len(arrays["labels"]) == 0:
             raise LatentDataError(f"{where} is empty (count {n}); delete it and rerun prepare_latents.py")
@@ -153,21 +255,19 @@ class LatentShards:
             raise LatentDataError(
                 f"{where} is corrupt: labels.npy has shape {tuple(arrays['labels'].shape)}, expected ({n},)"
             )
-        # Cheap sanity check on the first and last rows (a full scan would read the whole dataset).
-        for k in ("mean", "std"):
-            probe = np.asarray(arrays[k][[0, n - 1]], dtype=np.float32)
-            if not np.isfinite(probe).all():
-                raise LatentDataError(f"{where} is corrupt: {k}.npy holds non-finite values")
-        lab = np.asarray(arrays["labels"][[0, n - 1]])
-        if lab.min() < 0 or lab.max() >= self.num_classes:
-            raise LatentDataError(f"{where} is corrupt: labels outside [0, {self.num_classes})")
-        return _Shard(arrays["mean"], arrays["std"], arrays["labels"])
+        check_labels(np.asarray(arrays["labels"]), self.num_classes, where)  # n x 8 bytes: cheap to read in full
+        return _Shard(d, arrays["mean"], arrays["std"], arrays["labels"])
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
     def gather(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Rows ``indices`` (global): mean (n, F, C, h, w), std (same), labels (n,), in the order given."""
+        """Rows ``indices`` (global): mean (n, F, C, h, w), std (same), labels (n,), in the order given.
+
+        Raises:
+            IndexError: an index outside ``[0, len(self))``.
+            LatentDataError: a row holds a non-finite mean or std (the error names the shard and the row).
+        """
         idx = np.asarray(indices, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"latent index out of range [0, {len(self)})")
@@ -182,8 +282,10 @@ class LatentShards:
             order = np.argsort(local, kind="stable")  # sorted reads are kinder to the page cache
             sel = local[order]
             shard = self.shards[int(s)]
-            mean[rows[order]] = shard.mean[sel]
-            std[rows[order]] = shard.std[sel]
+            values = {"mean": shard.mean[sel], "std": shard.std[sel]}
+            check_finite_rows(values, sel, f"latent shard {str(shard.path)!r}", int(self.starts[s]))
+            mean[rows[order]] = values["mean"]
+            std[rows[order]] = values["std"]
             labels[rows[order]] = shard.labels[sel]
         return mean, std, labels
 

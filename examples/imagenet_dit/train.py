@@ -17,14 +17,29 @@ One step, as the package's DDP-safe pattern prescribes:
 Then: global-norm gradient clipping, Adam (betas 0.9, 0.95) with linear warm-up, EMA of the weights
 (``torch.optim.swa_utils.AveragedModel``).
 
+Non-finite steps: when the loss (on any rank) or the global gradient norm is NaN or inf, the update is skipped
+(weights, optimizer state and EMA unchanged; the step counter and the lr schedule advance to the next batch), the
+step is logged (``"event": "skipped_step"``) and counted (``skipped_steps`` in every log record and checkpoint);
+``train.max_nonfinite_steps`` consecutive skipped steps stop the run with :class:`NonFiniteError`. All ranks decide
+together (one all-reduce of the flags), so they stay in lockstep. A checkpoint is never written from weights that
+hold a non-finite value: the run stops instead, and the newest (finite) checkpoint stays.
+
+Failures on one rank: every step starts with one all-reduce of "stop requested" and "this rank could not read its
+batch" (a corrupt latent row, an I/O error), and a checkpoint ends with one of "rank 0 could not write it"; on a
+failure every rank raises (the others name the failing rank and its error) and exits instead of waiting in the next
+collective. Other errors on a single rank reach the others through the backend (Gloo: "connection closed by peer"
+at once; NCCL: its timeout) and torchrun, which stops the remaining workers when one exits with an error.
+
 Determinism: the global batch of step k is fixed by (seed, k) (latent_data.EpochBatches) and every random draw of
 step k on rank i (flip, posterior sample, times, noise, label dropout) comes from a generator seeded by
 (seed, k, i). A run resumed from a checkpoint therefore reproduces the uninterrupted run exactly.
 
 Checkpoints (``<run-dir>/checkpoints/step_XXXXXXX.pt``) hold the model, the EMA, the optimizer, the scheduler, the
-RNG states of every rank, the step and the config. They are written to a temporary file, fsynced and renamed, and
-``latest`` is switched only afterwards: a run killed while saving leaves the previous checkpoint usable.
-SIGTERM / SIGUSR1 (what schedulers send before preemption) make every rank stop at the same step after saving.
+RNG states of every rank, the step and the config. They are written to a temporary file, fsynced and renamed, with
+a SHA-256 in ``step_XXXXXXX.pt.sha256`` that every load verifies, and ``latest`` is switched only afterwards: a run
+killed while saving leaves the previous checkpoint usable, and a corrupt file or pointer falls back to the previous
+intact checkpoint (dit_runtime). SIGTERM / SIGUSR1 (what schedulers send before preemption) make every rank stop at
+the same step after saving.
 """
 
 from __future__ import annotations
@@ -39,6 +54,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +69,15 @@ from examples.imagenet_dit.dit_config import Config, ConfigError, build_objectiv
 from examples.imagenet_dit.dit_runtime import (
     CKPT_FORMAT,
     DistInfo,
+    any_rank,
     barrier,
     checkpoint_dir,
     find_latest_checkpoint,
     latents_to_uint8,
     load_checkpoint_file,
+    raise_failures,
+    raise_if_any_failed,
+    read_latest_pointer,
     resolve_checkpoint,
     rng_state,
     save_checkpoint,
@@ -67,6 +87,10 @@ from examples.imagenet_dit.dit_runtime import (
     step_seed,
 )
 from examples.imagenet_dit.latent_data import EpochBatches, LatentShards
+
+
+class NonFiniteError(RuntimeError):
+    """The run keeps producing non-finite losses or gradients, or its weights hold a non-finite value."""
 
 
 # ------------------------------------------------------------------------------------------------------ model
@@ -120,6 +144,7 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
         "train.ckpt_every",
         "train.grid_every",
         "train.keep_checkpoints",
+        "train.max_nonfinite_steps",
         "train.tensorboard",
         "train.grid_images",
     }
@@ -140,6 +165,21 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
 def _no_buffer_sync() -> dict[str, bool]:
     params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
     return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's part of a tensor (the local shard of an FSDP2 DTensor)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+@dataclass
+class StepReport:
+    """What :meth:`Trainer.optimizer_step` did; every field is identical on every rank."""
+
+    grad_norm: Tensor  # () global gradient norm before clipping
+    skipped: bool  # no update: the loss on some rank or the gradient norm was non-finite
+    nonfinite_loss: bool
+    nonfinite_grad_norm: bool
 
 
 class Trainer:
@@ -192,6 +232,8 @@ class Trainer:
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0
         )
         self.step = 0
+        self.skipped_steps = 0  # steps whose update was skipped (non-finite), over the whole run
+        self.consecutive_skips = 0  # ... in a row, up to the current step
         self.latents_info: dict[str, Any] = {}  # VAE and scaling factor of the data, for sample.py
 
     @staticmethod
@@ -206,28 +248,60 @@ class Trainer:
         return torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.bf16)
 
     def loss_and_backward(self, x: Tensor, y: Tensor, generator: torch.Generator, **draws: Any) -> Any:
-        """The DDP-safe step: no-grad passes on ``self.target``, ONE gradient forward through ``self.model``."""
+        """The DDP-safe step: no-grad passes on ``self.target``, ONE gradient forward through ``self.model``.
+
+        The objective's value checks (one host sync each) are off: the batch was validated when it was read, and a
+        non-finite loss is handled by :meth:`optimizer_step` (skipped on every rank alike) instead of raising on one.
+        """
         kwargs: dict[str, Any] = {"model_kwargs": {"y": y}, **draws}
         for name, value in (("target_model", self.target), ("generator", generator), ("step", self.step)):
             if name in self._call_kwargs:
                 kwargs[name] = value
-        with self.autocast:
+        with self.autocast, mfl.value_checks(False):
             out = self.objective(self.model, x, **kwargs)
         out.loss.backward()
         return out
 
-    def optimizer_step(self) -> Tensor:
-        """Clip, step, schedule, EMA; returns the global gradient norm before clipping."""
+    def optimizer_step(self, loss: Tensor | None = None) -> StepReport:
+        """Clip, step, schedule, EMA -- or skip the update when ``loss`` or the global gradient norm is non-finite.
+
+        A skipped step leaves the weights, the optimizer state and the EMA as they were; the step counter and the
+        lr schedule still advance (the next step takes the next batch). The decision is all-reduced, so every rank
+        skips the same steps.
+
+        Args:
+            loss: this rank's loss of the step (any shape); None checks the gradients only.
+
+        Returns:
+            The global gradient norm before clipping and whether (and why) the update was skipped.
+        """
         clip = self.cfg.optim.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip if clip > 0 else math.inf)
         if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
             norm = norm.full_tensor()
-        self.optimizer.step()
+        bad_loss = False if loss is None else ~torch.isfinite(loss.detach()).all()
+        bad_loss, bad_norm = any_rank(self.info, bad_loss, ~torch.isfinite(norm))
+        skipped = bad_loss or bad_norm
+        if not skipped:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.ema.update_parameters(self.module)
+        if not skipped:
+            self.ema.update_parameters(self.module)
         self.step += 1
-        return norm.detach()
+        self.skipped_steps += int(skipped)
+        self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
+        return StepReport(norm.detach(), skipped, bad_loss, bad_norm)
+
+    def nonfinite_weights(self) -> list[str]:
+        """Names of the model and EMA parameters holding a NaN or inf on this rank (its shards under FSDP2)."""
+        named = [
+            (f"{prefix}.{n}", _local(p.detach()))
+            for prefix, m in (("model", self.module), ("ema", self.ema.module))
+            for n, p in m.named_parameters()
+        ]
+        finite = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()  # one host sync
+        return [name for (name, _), ok in zip(named, finite, strict=True) if not ok]
 
     # -- state ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -246,15 +320,16 @@ class Trainer:
         if self.info.distributed:
             rngs = [None] * self.info.world_size
             dist.all_gather_object(rngs, rng_state())
-        strip = lambda sd: {k.removeprefix("net."): v for k, v in sd.items()}  # noqa: E731
         return {
             "format": CKPT_FORMAT,
             "step": self.step,
-            "model": strip(model_sd),
-            "ema": strip(ema_sd),
+            "model": model_sd,  # the adapter's names are the bare DiT's
+            "ema": ema_sd,
             "ema_n_averaged": self.ema.n_averaged.detach().cpu(),
             "optimizer": optim_sd,
             "scheduler": self.scheduler.state_dict(),
+            "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self.consecutive_skips,
             "rng": rngs,
             "world_size": self.info.world_size,
             "model_config": self.dit_cfg.as_dict(),
@@ -273,15 +348,16 @@ class Trainer:
         )
 
         opts = StateDictOptions(full_state_dict=True)
-        add = lambda sd: {f"net.{k}": v for k, v in sd.items()}  # noqa: E731
-        set_model_state_dict(self.module, add(ckpt["model"]), options=opts)
-        set_model_state_dict(self.ema.module, add(ckpt["ema"]), options=opts)
+        set_model_state_dict(self.module, ckpt["model"], options=opts)
+        set_model_state_dict(self.ema.module, ckpt["ema"], options=opts)
         self.ema.n_averaged.copy_(ckpt["ema_n_averaged"].to(self.ema.n_averaged.device))
         if weights_only:
             return
         set_optimizer_state_dict(self.module, self.optimizer, ckpt["optimizer"], options=opts)
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.step = int(ckpt["step"])
+        self.skipped_steps = int(ckpt.get("skipped_steps", 0))  # absent in checkpoints of older train.py
+        self.consecutive_skips = int(ckpt.get("consecutive_skips", 0))
         rngs = ckpt.get("rng") or []
         if ckpt.get("world_size") == self.info.world_size and len(rngs) > self.info.rank:
             set_rng_state(rngs[self.info.rank])
@@ -473,69 +549,139 @@ def _loop(
     vae_cache: dict[str, Any] = {}
     stop_at = cfg.train.steps if args.stop_at is None else min(args.stop_at, cfg.train.steps)
     sums: dict[str, Tensor] = {}
-    count = 0
+    count = 0  # steps with an update since the last log record
+    saved_step = -1
     t_last, step_last = time.perf_counter(), trainer.step
     if info.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(info.device)
     g = torch.Generator(device=info.device)
 
     def checkpoint_now() -> None:
-        state = trainer.state_dict()
-        if info.is_main:
-            path = save_checkpoint(run_dir, trainer.step, state, cfg.train.keep_checkpoints)
-            print(f"[train] step {trainer.step}: saved {path}")
-        barrier(info)
-
-    while trainer.step < stop_at:
-        step = trainer.step
-        g.manual_seed(step_seed(cfg.train.seed, step, info.rank))
-        x, y = data.sample_batch(batches.indices(step, info.rank, info.world_size), g, info.device)
-        out = trainer.loss_and_backward(x, y, g)
-        grad_norm = trainer.optimizer_step()
-        for k, v in out.terms.items():
-            if isinstance(v, Tensor) and v.numel() == 1:
-                sums[k] = sums.get(k, 0) + v.detach().float().reshape(())
-        sums["grad_norm"] = sums.get("grad_norm", 0) + grad_norm.float()
-        count += 1
-
-        if trainer.step % cfg.train.log_every == 0 or trainer.step == stop_at:
-            names = sorted(sums)
-            vec = torch.stack([sums[k] for k in names]) / count
-            if info.distributed:
-                dist.all_reduce(vec)
-                vec /= info.world_size
-            now = time.perf_counter()
-            steps_done = trainer.step - step_last
-            rec = {k: float(v) for k, v in zip(names, vec.tolist(), strict=True)}
-            rec.update(
-                step=trainer.step,
-                lr=trainer.scheduler.get_last_lr()[0],
-                img_per_s=steps_done * cfg.data.global_batch / max(now - t_last, 1e-9),
-                sec_per_step=(now - t_last) / max(steps_done, 1),
+        nonlocal saved_step
+        bad = trainer.nonfinite_weights()
+        if any_rank(info, bool(bad))[0]:
+            raise NonFiniteError(
+                f"step {trainer.step}: the weights hold non-finite values ({', '.join(bad[:4]) or 'on another rank'}"
+                f"{', ...' if len(bad) > 4 else ''}); no checkpoint was written. {newest_checkpoint_note(run_dir)}"
             )
-            if info.device.type == "cuda":
-                rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(info.device) / 2**30
-            if logger is not None:
-                logger.log(rec)
-            sums, count, t_last, step_last = {}, 0, now, trainer.step
+        state = trainer.state_dict()
+        error = None
+        if info.is_main:
+            try:
+                path = save_checkpoint(run_dir, trainer.step, state, cfg.train.keep_checkpoints)
+                print(f"[train] step {trainer.step}: saved {path}")
+            except Exception as err:  # disk full, permissions: every rank stops (below), none waits
+                error = err
+        raise_if_any_failed(info, error, f"writing the checkpoint of step {trainer.step}")
+        saved_step = trainer.step
 
-        if cfg.train.grid_every and (trainer.step % cfg.train.grid_every == 0 or trainer.step == cfg.train.steps):
-            write_grids(trainer, cfg, data, info, run_dir, vae_cache)
+    try:
+        while trainer.step < stop_at:
+            step = trainer.step
+            g.manual_seed(step_seed(cfg.train.seed, step, info.rank))
+            batch, error = None, None
+            try:
+                batch = data.sample_batch(batches.indices(step, info.rank, info.world_size), g, info.device)
+            except Exception as err:  # a corrupt row, an I/O error: every rank hears of it just below
+                error = err
+            stop, failed = any_rank(info, stop_flag.requested, error is not None)
+            if failed:
+                raise_failures(info, error, f"reading its batch of step {step + 1}")
+            if stop:
+                if saved_step != trainer.step:
+                    checkpoint_now()
+                if info.is_main:
+                    print(f"[train] stop requested (signal): exiting at step {trainer.step}")
+                break
+            x, y = batch
+            out = trainer.loss_and_backward(x, y, g)
+            report = trainer.optimizer_step(out.loss)
+            if report.skipped:
+                note_skipped_step(trainer, report, cfg, logger, run_dir)
+            else:
+                for k, v in out.terms.items():
+                    if isinstance(v, Tensor) and v.numel() == 1:
+                        sums[k] = sums.get(k, 0) + v.detach().float().reshape(())
+                sums["grad_norm"] = sums.get("grad_norm", 0) + report.grad_norm.float()
+                count += 1
 
-        stop = stop_flag.requested
-        if info.distributed:
-            flag = torch.tensor([float(stop)], device=info.device)
-            dist.all_reduce(flag)
-            stop = bool(flag.item() > 0)
-        if trainer.step % cfg.train.ckpt_every == 0 or trainer.step == stop_at or stop:
-            checkpoint_now()
-        if stop:
-            if info.is_main:
-                print(f"[train] stop requested (signal): exiting at step {trainer.step}")
-            break
+            if trainer.step % cfg.train.log_every == 0 or trainer.step == stop_at:
+                rec = interval_means(sums, count, info)
+                now = time.perf_counter()
+                steps_done = trainer.step - step_last
+                rec.update(
+                    step=trainer.step,
+                    lr=trainer.scheduler.get_last_lr()[0],
+                    skipped_steps=trainer.skipped_steps,
+                    img_per_s=steps_done * cfg.data.global_batch / max(now - t_last, 1e-9),
+                    sec_per_step=(now - t_last) / max(steps_done, 1),
+                )
+                if info.device.type == "cuda":
+                    rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(info.device) / 2**30
+                if logger is not None:
+                    logger.log(rec)
+                sums, count, t_last, step_last = {}, 0, now, trainer.step
+
+            if cfg.train.grid_every and (trainer.step % cfg.train.grid_every == 0 or trainer.step == cfg.train.steps):
+                write_grids(trainer, cfg, data, info, run_dir, vae_cache)
+
+            if trainer.step % cfg.train.ckpt_every == 0 or trainer.step == stop_at:
+                checkpoint_now()
+    finally:
+        if logger is not None:
+            logger.close()
+    return {"step": trainer.step, "run_dir": str(run_dir), "skipped_steps": trainer.skipped_steps}
+
+
+def interval_means(sums: dict[str, Tensor], count: int, info: DistInfo) -> dict[str, float]:
+    """The logged terms averaged over the ``count`` updated steps of a log interval and over the ranks.
+
+    Empty when every step of the interval was skipped (the same on every rank: skips are decided together).
+    """
+    if count == 0:
+        return {}
+    names = sorted(sums)
+    vec = torch.stack([sums[k] for k in names]) / count
+    if info.distributed:
+        dist.all_reduce(vec)
+        vec /= info.world_size
+    return {k: float(v) for k, v in zip(names, vec.tolist(), strict=True)}
+
+
+def note_skipped_step(
+    trainer: Trainer, report: StepReport, cfg: Config, logger: JsonlLogger | None, run_dir: Path
+) -> None:
+    """Log a skipped (non-finite) step; raise :class:`NonFiniteError` after too many of them in a row."""
+    what = " and ".join(
+        w for w, bad in (("loss", report.nonfinite_loss), ("gradient norm", report.nonfinite_grad_norm)) if bad
+    )
     if logger is not None:
-        logger.close()
-    return {"step": trainer.step, "run_dir": str(run_dir)}
+        logger.log(
+            {
+                "event": "skipped_step",
+                "step": trainer.step,
+                "nonfinite": what,
+                "consecutive": trainer.consecutive_skips,
+                "skipped_steps": trainer.skipped_steps,
+            }
+        )
+    limit, n = cfg.train.max_nonfinite_steps, trainer.consecutive_skips
+    if n >= limit:
+        span = f"step {trainer.step}" if n == 1 else f"steps {trainer.step - n + 1} to {trainer.step}"
+        raise NonFiniteError(
+            f"{span}: {n} consecutive step{'s' if n > 1 else ''} with a non-finite {what} "
+            f"(train.max_nonfinite_steps = {limit}); stopping without saving. {newest_checkpoint_note(run_dir)} "
+            "Lower optim.lr or clip harder (optim.grad_clip), check the latents, or allow longer streaks with "
+            "--set train.max_nonfinite_steps=N"
+        )
+
+
+def newest_checkpoint_note(run_dir: Path) -> str:
+    """A sentence naming the checkpoint ``latest`` points at, to resume from after an error."""
+    newest = read_latest_pointer(checkpoint_dir(run_dir))
+    if newest is None:
+        return "No checkpoint of this run has been written yet."
+    return f"The newest checkpoint is {newest}; --resume continues from it."
 
 
 def threading_main() -> bool:
@@ -606,8 +752,8 @@ class JsonlLogger:
         )
         if self.tb is not None:
             for k, v in rec.items():
-                if k not in ("step", "time"):
-                    self.tb.add_scalar(k, v, rec["step"])
+                if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(k, v, rec["step"])  # numbers only (event records hold strings)
 
     def close(self) -> None:
         self.f.close()

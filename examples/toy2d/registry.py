@@ -49,6 +49,8 @@ class MethodSpec:
         velocity_only: The network is a flow-matching velocity field: sample it as ``u(z, t, t)`` (Euler).
         jvp: The objective takes the JVP options (``tangent``).
         aux: The objective takes the auxiliary velocity loss (``aux_weight``).
+        options: Further ``TrainConfig`` fields that only this method reads (the trainer's command line refuses
+            them for the other methods).
     """
 
     name: str
@@ -58,6 +60,7 @@ class MethodSpec:
     velocity_only: bool = False
     jvp: bool = False
     aux: bool = False
+    options: tuple[str, ...] = ()
 
 
 def _pairs(cfg: TrainConfig) -> mfl.TimePairSampler:
@@ -119,9 +122,9 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("fm", "flow matching (sampled by Euler steps on u(z, t, t))", _fm, None, velocity_only=True),
         MethodSpec("meanflow", "MeanFlow (Geng et al.), JVP target", _meanflow, 0.5, jvp=True, aux=True),
         MethodSpec("alphaflow", "alpha-Flow (Zhang et al.), sigmoid curriculum alpha 1 -> 0", _alphaflow, 0.5,
-                   jvp=True),
+                   jvp=True, options=("alpha_start", "alpha_end", "alpha_gamma", "eta")),
         MethodSpec("kim", "MeanFlow + Min-SNR on r = t rows + progressive interval weight (Kim et al.)", _kim, 0.5,
-                   jvp=True, aux=True),
+                   jvp=True, aux=True, options=("kim_k", "min_snr_gamma")),
         MethodSpec("splitmeanflow", "SplitMeanFlow: interval-splitting consistency, no JVP", _split, 0.5),
     )
 }

@@ -31,9 +31,11 @@ from typing import Any
 
 import torch
 
-from examples.toy2d import figures
+from examples import cli
+from examples.cli import Range
+from examples.toy2d import datasets, figures
 from examples.toy2d.registry import MethodUnavailable
-from examples.toy2d.train import TrainConfig, train
+from examples.toy2d.train import RANGES, TrainConfig, train
 
 __all__ = ["ENTRIES", "Entry", "main", "run_study"]
 
@@ -395,16 +397,19 @@ def _compare(rows: dict[str, Any], a: str, b: str) -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m examples.toy2d.study", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="README demo: 1 seed, short runs (< 3 min on 2 cores)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (quick: 0)")
-    p.add_argument("--steps", type=int, default=None, help="training steps of every run (default 4000, quick 1500)")
-    p.add_argument("--batch", type=int, default=None, help="batch size (default 1024)")
+    p.add_argument("--seeds", type=RANGES["seed"], nargs="+", default=None, help="default 0 1 2 (quick: 0)")
+    p.add_argument("--steps", type=RANGES["steps"], default=None,
+                   help="training steps of every run (default 4000, quick 1500)")
+    p.add_argument("--batch", type=RANGES["batch"], default=None, help="batch size (default 1024)")
     p.add_argument("--methods", nargs="+", default=None, help="labels or method names to run (default all)")
-    p.add_argument("--dataset", default="checkerboard")
-    p.add_argument("--jobs", type=int, default=None, help="parallel runs (default: 1, quick: 2)")
+    p.add_argument("--dataset", default="checkerboard", choices=sorted(datasets.DATASETS),
+                   help="target distribution (default checkerboard)")
+    p.add_argument("--jobs", type=Range(int, 1), default=None, help="parallel runs (default: 1, quick: 2)")
     p.add_argument("--out", default=None,
                    help="folder of the table and figures (default docs/, with --quick runs/toy2d_quick/)")
-    p.add_argument("--conflict-every", type=int, default=None, help="gradient-cosine check period on MeanFlow")
-    p.add_argument("--eval-points", type=int, default=None,
+    p.add_argument("--conflict-every", type=RANGES["conflict_every"], default=None,
+                   help="gradient-cosine check period on MeanFlow (default 20, quick 25; 0: off)")
+    p.add_argument("--eval-points", type=RANGES["eval_points"], default=None,
                    help="points per evaluation set (default 32768, with --quick 8192)")
     p.add_argument("--reuse", action="store_true",
                    help="re-evaluate finished runs with the same training options instead of training them again")
@@ -413,24 +418,28 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Command-line entry point."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     quick = args.quick
     seeds = args.seeds or ([0] if quick else [0, 1, 2])
-    base = TrainConfig(
-        dataset=args.dataset,
-        steps=args.steps or (1500 if quick else 4000),
-        batch=args.batch or 1024,
-        eval_points=args.eval_points or (8192 if quick else 32768),
-        energy_points=4096,
-        conflict_every=args.conflict_every if args.conflict_every is not None else (25 if quick else 20),
-        progress=False,
-    )
+    try:
+        base = TrainConfig(
+            dataset=args.dataset,
+            steps=args.steps or (1500 if quick else 4000),
+            batch=args.batch or 1024,
+            eval_points=args.eval_points or (8192 if quick else 32768),
+            energy_points=4096,
+            conflict_every=args.conflict_every if args.conflict_every is not None else (25 if quick else 20),
+            progress=False,
+        )
+    except ValueError as err:
+        cli.usage_error(parser, err)
     entries = tuple(e for e in ENTRIES if e.quick or not quick)
     if args.methods:
         entries = tuple(e for e in ENTRIES if e.label in args.methods or e.method in args.methods)
         if not entries:
-            raise SystemExit(f"error: --methods {args.methods} matches none of "
-                             f"{[e.label for e in ENTRIES]} / {[e.method for e in ENTRIES]}")
+            parser.error(f"argument --methods: {args.methods} matches none of "
+                         f"{[e.label for e in ENTRIES]} / {[e.method for e in ENTRIES]}")
     out = Path(args.out or ("runs/toy2d_quick" if quick else "docs"))
     jobs = args.jobs or (min(2, os.cpu_count() or 1) if quick else 1)
     run_dir = Path("runs/toy2d_study_quick" if quick else "runs/toy2d_study")

@@ -3,11 +3,14 @@
     python -m examples.toy2d.train --method meanflow --dataset checkerboard --steps 4000
     python -m examples.toy2d.train --method alphaflow --alpha-end 0.25 --equal-fraction 0.5
     python -m examples.toy2d.train --method meanflow --dataset mixture --omega 1.0 --kappa 0.5
+    python -m examples.toy2d.train --method meanflow --steps 4000 --resume     # continue an interrupted run
 
-Writes ``<out>/checkpoint.pt`` (model, EMA and config), ``<out>/metrics.json`` (config, metrics, training
-history) and PNG figures. Metrics are measured against fresh target samples: sliced Wasserstein-2 (512
-projections) and energy distance of 1-, 2-, 4- and 100-step samples. ``python -m examples.toy2d.train --help``
-lists every option.
+Writes ``<out>/checkpoint.pt`` (model, EMA, config and the training state: optimizer, scheduler, step, random
+generators, history; also every ``--checkpoint-every`` steps, for ``--resume``), ``<out>/metrics.json`` (config,
+metrics, training history) and PNG figures. Metrics are measured against fresh target samples: sliced
+Wasserstein-2 (512 projections) and energy distance of 1-, 2-, 4- and 100-step samples.
+``python -m examples.toy2d.train --help`` lists every option with its range; a value out of range, or an option
+that has no effect with the others (``--jvp`` with ``--method fm``), is a usage error.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,19 +31,105 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 import meanflow_losses as mfl
+from examples import cli
+from examples.cli import ConfigError, Range
 from examples.toy2d import datasets, figures
 from examples.toy2d.metrics import energy_distance, sliced_w2
 from examples.toy2d.nets import ACTIVATIONS, ARCHS, VelocityMLP
-from examples.toy2d.registry import METHODS, MethodUnavailable, build_objective, get_method, need
+from examples.toy2d.registry import METHODS, MethodSpec, MethodUnavailable, build_objective, get_method, need
 
-__all__ = ["TrainConfig", "evaluate", "main", "ot_pair", "train"]
+__all__ = ["RANGES", "ResumeError", "TrainConfig", "config_from_argv", "evaluate", "main", "ot_pair", "train"]
 
 EVAL_SEED = 1_000_003  # the evaluation draws (targets, noise) are the same for every run of a seed
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
+EQUAL_DRAWS = ("pair", "single")
+TANGENTS = ("conditional", "model")
+COUPLINGS = ("independent", "ot")
+
+#: Valid values of every numeric option of :class:`TrainConfig`: the command line's argparse types (a value out
+#: of range is a usage error naming the option), also checked when a config is built in Python.
+RANGES: dict[str, Range] = {
+    "steps": Range(int, 1),
+    "batch": Range(int, 1),
+    "seed": Range(int, 0, 2**32 - 1),
+    "lr": Range(float, 0, lo_open=True),
+    "lr_final": Range(float, 0, 1),
+    "warmup": Range(int, 0),
+    "beta2": Range(float, 0, 1, hi_open=True),
+    "grad_clip": Range(float, 0),
+    "ema": Range(float, 0, 1, hi_open=True),
+    "time_mean": Range(float),
+    "time_std": Range(float, 0, lo_open=True),
+    "equal_fraction": Range(float, 0, 1),
+    "weight_p": Range(float, 0),
+    "weight_c": Range(float, 0, lo_open=True),
+    "aux_weight": Range(float, 0),
+    "ot_block": Range(int, 1),
+    "alpha_start": Range(float, 0, 1),
+    "alpha_end": Range(float, 0, 1),
+    "alpha_gamma": Range(float, 0, lo_open=True),
+    "eta": Range(float, 0, 0.5, hi_open=True),
+    "kim_k": Range(float, 0, lo_open=True),
+    "min_snr_gamma": Range(float, 0, lo_open=True),
+    "omega": Range(float),
+    "kappa": Range(float, hi=1, hi_open=True),
+    "drop_prob": Range(float, 0, 1, hi_open=True),
+    "guidance_interval": Range(float, 0, 1),
+    "width": Range(int, 1),
+    "depth": Range(int, 1),
+    "emb_dim": Range(int, 2, multiple_of=2),
+    "max_freq": Range(float, 1),  # the embeddings' lowest angular frequency is 1
+    "eval_points": Range(int, 2),  # the energy distance's within-set terms need two points
+    "eval_steps": Range(int, 1),
+    "energy_points": Range(int, 2),
+    "conflict_every": Range(int, 0),
+    "conflict_batch": Range(int, 1),
+    "log_every": Range(int, 1),
+    "threads": Range(int, 1),
+    "checkpoint_every": Range(int, 0),
+}
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """Allowed values of every enumerated option of :class:`TrainConfig` (the methods registered now)."""
+    return {
+        "method": tuple(sorted(METHODS)),
+        "dataset": tuple(sorted(datasets.DATASETS)),
+        "lr_schedule": LR_SCHEDULES,
+        "time_dist": tuple(mfl.times.TIME_DISTRIBUTIONS),
+        "equal_draw": EQUAL_DRAWS,
+        "reduction": tuple(mfl.weighting.REDUCTIONS),
+        "jvp": tuple(mfl.JVP_STRATEGIES),
+        "tangent": TANGENTS,
+        "coupling": COUPLINGS,
+        "act": tuple(sorted(ACTIVATIONS)),
+        "arch": tuple(ARCHS),
+    }
+
+
+def _methods(test: Callable[[MethodSpec], bool]) -> str:
+    """``--method a, b or c``: the registered methods that pass ``test``."""
+    names = sorted(name for name, spec in METHODS.items() if test(spec))
+    if len(names) < 2:
+        return f"--method {names[0] if names else '(none)'}"
+    return f"--method {', '.join(names[:-1])} or {names[-1]}"
+
+
+#: Options whose value a config built in Python may not set away from the default where it has no effect (the
+#: command line refuses every option of :meth:`TrainConfig.unused` that it is given).
+STRICT = ("tangent", "aux_weight", "equal_draw")
 
 
 @dataclass
 class TrainConfig:
-    """Every option of a toy run; the defaults are the recipe tuned on the checkerboard (README.md)."""
+    """Every option of a toy run; the defaults are the recipe tuned on the checkerboard (README.md).
+
+    Raises:
+        ValueError: ``method`` is unknown.
+        ConfigError: An option is out of its range (:data:`RANGES`), not one of its choices, or in conflict with
+            another (``alpha_start > alpha_end``, ``tangent="model"`` for a method without JVP, ...).
+    """
 
     method: str = "meanflow"
     dataset: str = "checkerboard"
@@ -100,49 +190,75 @@ class TrainConfig:
     out: str | None = None
     figures: bool = True
     checkpoint: bool = True
+    checkpoint_every: int = 500  # also write checkpoint.pt every N steps, for resuming (0: only at the end)
     progress: bool = True
 
     def __post_init__(self) -> None:
-        spec = get_method(self.method)
-        if self.dataset not in datasets.DATASETS:
-            raise ValueError(f"dataset={self.dataset!r} is not one of {sorted(datasets.DATASETS)}")
-        for name in ("steps", "batch", "eval_points", "log_every", "threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr_schedule not in ("constant", "cosine", "linear"):
-            raise ValueError(f"lr_schedule must be constant, cosine or linear, got {self.lr_schedule!r}")
-        if not 0.0 <= self.ema < 1.0:
-            raise ValueError(f"ema must be a decay in [0, 1), got {self.ema}")
-        if self.tangent not in ("conditional", "model"):
-            raise ValueError(f"tangent must be 'conditional' or 'model', got {self.tangent!r}")
-        if self.tangent != "conditional" and not spec.jvp:
-            jvp_methods = tuple(name for name, m in METHODS.items() if m.jvp)
-            raise ValueError(
-                f"tangent={self.tangent!r} needs a JVP objective {jvp_methods}, got method={self.method!r}"
-            )
-        if self.coupling not in ("independent", "ot"):
-            raise ValueError(f"coupling must be 'independent' or 'ot', got {self.coupling!r}")
-        if self.ot_block < 1:
-            raise ValueError(f"ot_block must be >= 1, got {self.ot_block}")
-        if self.act not in ACTIVATIONS:
-            raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {self.act!r}")
-        if self.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {list(ARCHS)}, got {self.arch!r}")
-        if self.equal_draw not in ("pair", "single"):
-            raise ValueError(f"equal_draw must be 'pair' or 'single', got {self.equal_draw!r}")
-        if self.equal_draw != "pair" and spec.equal_fraction is None:
-            raise ValueError(
-                f"equal_draw={self.equal_draw!r} needs a method with r = t rows, got method={self.method!r}"
-            )
-        if self.aux_weight < 0:
-            raise ValueError(f"aux_weight must be >= 0, got {self.aux_weight}")
-        if self.aux_weight > 0 and not spec.aux:
-            aux_methods = " or ".join(repr(name) for name, m in METHODS.items() if m.aux)
-            raise ValueError(f"aux_weight > 0 needs method {aux_methods}, got method={self.method!r}")
-        if not 0.0 <= self.alpha_start <= self.alpha_end:
-            raise ValueError(f"need 0 <= alpha_start <= alpha_end, got {self.alpha_start}, {self.alpha_end}")
+        get_method(self.method)
         self.guidance_interval = tuple(self.guidance_interval)  # type: ignore[assignment]
+        self.eval_steps = tuple(self.eval_steps)
+        cli.check_choices(self, choices())
+        cli.check_ranges(self, RANGES)
         self.eval_steps = tuple(int(s) for s in self.eval_steps)
+        if len(self.guidance_interval) != 2 or self.guidance_interval[0] > self.guidance_interval[1]:
+            raise ConfigError(f"guidance_interval must be (lo, hi) with lo <= hi, got {self.guidance_interval}",
+                              ("guidance_interval",))
+        if self.alpha_start > self.alpha_end:
+            raise ConfigError(f"need alpha_start <= alpha_end, got {self.alpha_start}, {self.alpha_end}",
+                              ("alpha_start", "alpha_end"))
+        if len(set(self.eval_steps)) != len(self.eval_steps):
+            raise ConfigError(f"eval_steps must not repeat a step count, got {self.eval_steps}", ("eval_steps",))
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, why in self.unused(n for n in STRICT if getattr(self, n) != defaults[n]).items():
+            raise ConfigError(f"{name}={getattr(self, name)!r} {why}", (name,))
+
+    def unused(self, names: Iterable[str]) -> dict[str, str]:
+        """Those of the options ``names`` that have no effect with the other options, each with the reason.
+
+        The command line refuses such an option when it is given explicitly (it would be silently ignored).
+
+        Args:
+            names: Field names.
+
+        Returns:
+            ``{name: "has no effect with ...: it needs ..."}`` for the options that have no effect.
+        """
+        spec = get_method(self.method)
+        method = f"--method {self.method}"
+        probe = self.conflict_every > 0
+        jvp = _methods(lambda m: m.jvp)
+        pairs = _methods(lambda m: m.equal_fraction is not None)
+        conditional = (f"--dataset {self.dataset}{' --no-conditional' if self.conditional is False else ''}",
+                       "a class-conditional run (--conditional; the default for --dataset mixture)")
+        rules: dict[str, tuple[bool, str, str]] = {  # name: (has an effect, the options that make it moot, needs)
+            "jvp": (spec.jvp or probe, method, f"{jvp} (a JVP objective) or --conflict-every > 0"),
+            "tangent": (spec.jvp, method, f"{jvp} (a JVP objective)"),
+            "aux_weight": (spec.aux, method, _methods(lambda m: m.aux)),
+            "equal_fraction": (spec.equal_fraction is not None or probe, method,
+                               f"{pairs} (r = t rows) or --conflict-every > 0"),
+            "equal_draw": (spec.equal_fraction is not None, method, f"{pairs} (r = t rows)"),
+            **{name: (self.is_conditional, *conditional) for name in ("omega", "kappa", "drop_prob",
+                                                                       "guidance_interval")},
+            "ot_block": (self.coupling == "ot", f"--coupling {self.coupling}", "--coupling ot"),
+            "conflict_batch": (probe, "--conflict-every 0", "--conflict-every > 0"),
+            "time_mean": (self.time_dist == "logit_normal", f"--time-dist {self.time_dist}",
+                          "--time-dist logit_normal"),
+            "time_std": (self.time_dist == "logit_normal", f"--time-dist {self.time_dist}",
+                         "--time-dist logit_normal"),
+            "lr_final": (self.lr_schedule != "constant", "--lr-schedule constant", "--lr-schedule cosine or linear"),
+            "weight_c": (self.weight_p > 0 or probe, f"--weight-p {self.weight_p:g}",
+                         "--weight-p > 0 or --conflict-every > 0"),
+            "checkpoint_every": (self.checkpoint, "--no-checkpoint", "--checkpoint"),
+        }
+        for other in METHODS.values():  # options only some methods read (registry: MethodSpec.options)
+            for name in other.options:
+                rules[name] = (name in spec.options, method, _methods(lambda m, n=name: n in m.options))
+        out = {}
+        for name in names:
+            applies, moot, needs = rules.get(name, (True, "", ""))
+            if not applies:
+                out[name] = f"has no effect with {moot}: it needs {needs}"
+        return out
 
     def resolved(self, name: str) -> Any:
         """The option ``name``, or the method's default (``registry.METHODS``) where it is ``None``."""
@@ -267,6 +383,7 @@ class ConflictProbe:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.tracker = need("diagnostics.ConflictTracker", "conflict tracking")(every=cfg.conflict_every)
+        self.measured: list[tuple[int, Any]] = []  # (step, GradientCosines), replayed into the tracker on resume
         eq = cfg.resolved("equal_fraction")
         self.loss = mfl.MeanFlowLoss(
             times=mfl.TimePairSampler(cfg.time_dist, mean=cfg.time_mean, std=cfg.time_std,
@@ -280,7 +397,24 @@ class ConflictProbe:
         x, y = datasets.sample(self.cfg.dataset, self.cfg.conflict_batch, self.g)
         noise = coupled_noise(self.cfg, x, y, self.g)  # measure the loss that is trained: the same pairing
         out = self.loss(model, x, model_kwargs=_conditioning(self.cfg, y), generator=self.g, step=step, noise=noise)
-        self.tracker.measure(model, out.decomposition, step=step)
+        self.measured.append((step, self.tracker.measure(model, out.decomposition, step=step)))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The probe's generator state and measurements so far (for a checkpoint)."""
+        return {"generator": self.g.get_state(),
+                "measured": [[step, [[a, b, float(c)] for (a, b), c in res.cosines.items()],
+                              {name: float(v) for name, v in res.norms.items()}] for step, res in self.measured]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`: the measurements are recorded into a fresh tracker again."""
+        cosines = need("diagnostics.GradientCosines", "conflict tracking")
+        self.g.set_state(state["generator"])
+        self.tracker.reset()
+        self.measured = []
+        for step, pairs, norms in state["measured"]:
+            res = cosines(cosines={(a, b): c for a, b, c in pairs}, norms=dict(norms))
+            self.tracker.record(res, step=step)
+            self.measured.append((step, res))
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready: the measured steps, the cosines of each pair, and their mean / 5th / 95th percentiles."""
@@ -361,25 +495,34 @@ def coupled_noise(cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, g: torch.G
     return ot_pair(x, torch.randn(x.shape, generator=g), cfg.ot_block, y if cfg.num_classes else None)
 
 
-def train(cfg: TrainConfig, reuse: bool = False) -> dict[str, Any]:
+def train(cfg: TrainConfig, reuse: bool = False, resume: bool = False) -> dict[str, Any]:
     """Train, evaluate and (when ``cfg.out`` is set) save checkpoint, ``metrics.json`` and figures.
 
     Args:
         cfg: The options.
         reuse: If ``cfg.out`` already holds a finished run with the same training options (the evaluation options
             may differ), load its checkpoint and only evaluate again.
+        resume: Continue the run from ``cfg.out/checkpoint.pt`` (written every ``cfg.checkpoint_every`` steps and
+            at the end): model, optimizer, scheduler, EMA, step, random generators and history are restored, so
+            the result equals that of the uninterrupted run. A finished run is only evaluated again.
 
     Returns:
         The JSON record: ``config``, ``metrics`` (per sampling step count: ``sw2``, ``energy``; of the EMA model
         when ``cfg.ema > 0``, ``metrics_online`` then holds the raw model's), ``reference`` (two target sets),
         ``history`` (``step``, ``loss``, ``mse``, ``fm_mse``, ``alpha``, ``lr``), ``conflict`` (when tracked),
-        ``train_seconds``. The sample tensors are under the non-JSON key ``"_eval"``.
+        ``train_seconds``, ``resumed_at`` (the steps a resumed run continued from). The sample tensors are under
+        the non-JSON key ``"_eval"``.
+
+    Raises:
+        MethodUnavailable: The installed meanflow_losses lacks the method's objective.
+        ResumeError: ``resume`` without a checkpoint to continue, or one trained with other options.
     """
     torch.set_num_threads(cfg.threads)
     spec = get_method(cfg.method)
     objective = build_objective(cfg)  # MethodUnavailable propagates to the caller
     if reuse and (found := load_finished(cfg)) is not None:
         return _finish(cfg, *found)
+    saved = load_resumable(cfg) if resume else None
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     model = build_model(cfg)
@@ -395,9 +538,22 @@ def train(cfg: TrainConfig, reuse: bool = False) -> dict[str, Any]:
             notes.append(f"gradient-conflict tracking skipped: {err}")
             print(f"note: {notes[-1]}", file=sys.stderr)
     hist: dict[str, list[float]] = {"step": [], "loss": [], "mse": [], "fm_mse": [], "alpha": [], "lr": []}
+    start, seconds_before, resumed_at = 0, 0.0, []
+    if saved is not None:
+        start, seconds_before, resumed_at = _restore(saved, model, opt, sched, ema, g, probe, hist)
+        resumed_at.append(start)
     t0 = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc=f"{cfg.method}/{cfg.dataset} seed {cfg.seed}", disable=not cfg.progress,
-               mininterval=0.5, leave=False, file=sys.stderr)
+
+    def state(step: int) -> dict[str, Any]:
+        return {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "ema_n_averaged": None if ema is None else int(ema.n_averaged), "generator": g.get_state(),
+                "torch_rng": torch.get_rng_state(), "history": hist, "resumed_at": resumed_at,
+                "seconds": seconds_before + time.perf_counter() - t0,
+                "probe": None if probe is None else probe.state_dict()}
+
+    periodic = cfg.checkpoint_every if cfg.out and cfg.checkpoint else 0  # steps between checkpoints (0: none)
+    bar = tqdm(range(start, cfg.steps), desc=f"{cfg.method}/{cfg.dataset} seed {cfg.seed}", initial=start,
+               total=cfg.steps, disable=not cfg.progress, mininterval=0.5, leave=False, file=sys.stderr)
     for step in bar:
         x, y = datasets.sample(cfg.dataset, cfg.batch, g)
         noise = coupled_noise(cfg, x, y, g)
@@ -424,42 +580,96 @@ def train(cfg: TrainConfig, reuse: bool = False) -> dict[str, Any]:
             hist["alpha"].append(alpha)
             hist["lr"].append(opt.param_groups[0]["lr"])
             bar.set_postfix(loss=f"{loss:.4f}", **({} if math.isnan(alpha) else {"alpha": f"{alpha:.3f}"}))
+        done = step + 1
+        if periodic and done % periodic == 0 and done < cfg.steps:
+            write_checkpoint(cfg, model, None if ema is None else ema.module, state(done))
     bar.close()
-    train_seconds = time.perf_counter() - t0
+    final = state(cfg.steps)
     record: dict[str, Any] = {
         "config": cfg.to_dict(),
         "method": cfg.method,
         "summary": spec.summary,
         "history": hist,
-        "train_seconds": train_seconds,
+        "train_seconds": final["seconds"],
         "notes": notes,
         "versions": {"torch": torch.__version__, "meanflow_losses": getattr(mfl, "__version__", "?")},
     }
+    if resumed_at:
+        record["resumed_at"] = resumed_at
     if probe is not None:
         record["conflict"] = probe.summary()
-    return _finish(cfg, model, None if ema is None else ema.module, record)
+    return _finish(cfg, model, None if ema is None else ema.module, record, final)
 
 
-#: Options that change only the evaluation and the files, not the trained model (ignored by ``reuse``).
-EVAL_ONLY = ("eval_points", "eval_steps", "energy_points", "threads", "out", "figures", "checkpoint", "progress")
+def _restore(saved: dict[str, Any], model: torch.nn.Module, opt: torch.optim.Optimizer,
+             sched: torch.optim.lr_scheduler.LRScheduler, ema: AveragedModel | None, g: torch.Generator,
+             probe: ConflictProbe | None, hist: dict[str, list[float]]) -> tuple[int, float, list[int]]:
+    """Load a checkpoint's training state into the freshly built objects; returns ``(step, seconds, resumed_at)``."""
+    state = saved["train"]
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    if ema is not None:
+        ema.module.load_state_dict(saved["ema"])
+        ema.n_averaged.fill_(state["ema_n_averaged"])
+    g.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if probe is not None and state["probe"] is not None:
+        probe.load_state_dict(state["probe"])
+    for key, values in state["history"].items():
+        hist[key] = list(values)
+    return int(state["step"]), float(state["seconds"]), list(state["resumed_at"])
 
 
-def load_finished(cfg: TrainConfig) -> tuple[torch.nn.Module, torch.nn.Module | None, dict[str, Any]] | None:
-    """The model, EMA model and record of a finished run in ``cfg.out`` trained with the same options, or None."""
+class ResumeError(ConfigError):
+    """A run cannot be resumed: no checkpoint, no training state in it, or trained with other options."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, ("resume",))
+
+
+#: Options that change only the evaluation and the files, not the trained model (ignored by ``reuse`` and
+#: ``resume``).
+EVAL_ONLY = ("eval_points", "eval_steps", "energy_points", "threads", "out", "figures", "checkpoint",
+             "checkpoint_every", "progress")
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(d, default=float))
+
+
+def config_differences(saved: dict[str, Any], cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """The training options (all but :data:`EVAL_ONLY`) in which ``cfg`` differs from a saved config.
+
+    Args:
+        saved: A saved ``TrainConfig.to_dict()``; an option added after it was saved counts as its default.
+        cfg: The options now.
+
+    Returns:
+        ``{name: (saved value, value now)}``, in JSON form (tuples as lists).
+    """
+    defaults = _jsonable({f.name: f.default for f in dataclasses.fields(TrainConfig)
+                          if f.default is not dataclasses.MISSING})
+    before = {**defaults, **_jsonable(saved)}
+    return {k: (before.get(k), v) for k, v in _jsonable(cfg.to_dict()).items()
+            if k not in (*EVAL_ONLY, "resolved") and before.get(k) != v}
+
+
+def load_finished(cfg: TrainConfig) -> tuple[torch.nn.Module, torch.nn.Module | None, dict[str, Any],
+                                             dict[str, Any] | None] | None:
+    """The model, EMA model, record and training state of a finished run in ``cfg.out`` trained with the same
+    options, or None."""
     if not cfg.out:
         return None
     out = Path(cfg.out)
     if not ((out / "metrics.json").exists() and (out / "checkpoint.pt").exists()):
         return None
     record = json.loads((out / "metrics.json").read_text())
-    mine = json.loads(json.dumps(cfg.to_dict()))
-    # an option added after a run was saved counts as having its default value there
-    defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(TrainConfig)
-                                      if f.default is not dataclasses.MISSING}))
-    saved = {**defaults, **record["config"]}
-    if any(saved.get(k) != v for k, v in mine.items() if k not in (*EVAL_ONLY, "resolved")):
+    if config_differences(record["config"], cfg):
         return None
     state = torch.load(out / "checkpoint.pt", weights_only=True)
+    if (state.get("train") or {}).get("step", cfg.steps) != cfg.steps:  # a later run into out was interrupted
+        return None
     model = build_model(cfg)
     model.load_state_dict(state["model"])
     ema_model = None
@@ -468,11 +678,48 @@ def load_finished(cfg: TrainConfig) -> tuple[torch.nn.Module, torch.nn.Module | 
         ema_model.load_state_dict(state["ema"])
     record["config"] = cfg.to_dict()
     record["reevaluated"] = True
-    return model, ema_model, record
+    return model, ema_model, record, state.get("train")
+
+
+def _read_checkpoint(out: str | None) -> tuple[Path, dict[str, Any]]:
+    """The path and contents of ``out/checkpoint.pt`` to resume from (ResumeError if there is none)."""
+    if not out:
+        raise ResumeError("resuming needs the output folder (out) that holds the run's checkpoint.pt")
+    path = Path(out) / "checkpoint.pt"
+    if not path.exists():
+        raise ResumeError(f"no checkpoint to resume: {path} does not exist")
+    saved = torch.load(path, weights_only=True)
+    if "train" not in saved:
+        raise ResumeError(f"{path} holds no training state (it was written before resuming was supported); "
+                          "train the run again")
+    return path, saved
+
+
+def load_resumable(cfg: TrainConfig) -> dict[str, Any]:
+    """The checkpoint in ``cfg.out`` to continue ``cfg``'s run from.
+
+    Raises:
+        ResumeError: There is no checkpoint with a training state, or it was trained with other options than
+            ``cfg`` (any but :data:`EVAL_ONLY`): continuing it would not give the run ``cfg`` asks for.
+    """
+    path, saved = _read_checkpoint(cfg.out)
+    diff = config_differences(saved["config"], cfg)
+    if diff:
+        listed = "; ".join(f"{cli.flag(k)} {before!r} there, {now!r} here" for k, (before, now) in diff.items())
+        raise ResumeError(f"{path} was trained with other options ({listed}): leave them out to continue the "
+                          "saved run, or give another --out to start a new one")
+    return saved
+
+
+def saved_options(out: str | None) -> dict[str, Any]:
+    """The options of the run whose checkpoint is in ``out`` (those that still exist), for resuming it."""
+    _, saved = _read_checkpoint(out)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in saved["config"].items() if k in names}
 
 
 def _finish(cfg: TrainConfig, model: torch.nn.Module, ema_model: torch.nn.Module | None,
-            record: dict[str, Any]) -> dict[str, Any]:
+            record: dict[str, Any], train_state: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate (the EMA model when there is one), complete the record and save the run."""
     velocity_only = get_method(cfg.method).velocity_only
     ev = evaluate(ema_model if ema_model is not None else model, cfg, velocity_only, trajectories=cfg.figures)
@@ -481,20 +728,32 @@ def _finish(cfg: TrainConfig, model: torch.nn.Module, ema_model: torch.nn.Module
     if ema_model is not None:
         record["metrics_online"] = evaluate(model, cfg, velocity_only)["metrics"]
     if cfg.out:
-        save_run(cfg, record, ev, model, ema_model)
+        save_run(cfg, record, ev, model, ema_model, train_state)
     record["_eval"] = ev
     return record
 
 
+def write_checkpoint(cfg: TrainConfig, model: torch.nn.Module, ema_model: torch.nn.Module | None,
+                     train_state: dict[str, Any] | None) -> Path:
+    """Write ``cfg.out/checkpoint.pt`` (model, EMA model, config, training state), replacing it atomically."""
+    out = Path(cfg.out)  # type: ignore[arg-type]
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "checkpoint.pt"
+    tmp = out / "checkpoint.pt.tmp"
+    torch.save({"model": model.state_dict(), "ema": None if ema_model is None else ema_model.state_dict(),
+                "config": cfg.to_dict(), "train": train_state}, tmp)
+    tmp.replace(path)
+    return path
+
 
 def save_run(cfg: TrainConfig, record: dict[str, Any], ev: dict[str, Any], model: torch.nn.Module,
-             ema_model: torch.nn.Module | None) -> None:
-    """Write ``checkpoint.pt``, ``metrics.json`` and the figures of one run into ``cfg.out``."""
+             ema_model: torch.nn.Module | None, train_state: dict[str, Any] | None = None) -> None:
+    """Write ``checkpoint.pt`` (with ``train_state``, for resuming), ``metrics.json`` and the figures of one run
+    into ``cfg.out``."""
     out = Path(cfg.out)  # type: ignore[arg-type]
     out.mkdir(parents=True, exist_ok=True)
     if cfg.checkpoint:
-        torch.save({"model": model.state_dict(), "ema": None if ema_model is None else ema_model.state_dict(),
-                    "config": cfg.to_dict()}, out / "checkpoint.pt")
+        write_checkpoint(cfg, model, ema_model, train_state)
     (out / "metrics.json").write_text(json.dumps(record, indent=1, default=float) + "\n")
     if not cfg.figures:
         return
@@ -569,50 +828,73 @@ HELP: dict[str, str] = {
     "conflict_batch": "batch of each gradient-cosine measurement",
     "log_every": "history period in steps",
     "threads": "torch CPU threads",
-    "out": "output folder (default runs/toy2d/<method>_<dataset>_s<seed>)",
+    "out": "output folder (default: runs/toy2d/<method>_<dataset>_s<seed>)",
     "figures": "write PNG figures",
-    "checkpoint": "write checkpoint.pt",
+    "checkpoint": "write checkpoint.pt (model, EMA, config and the training state that --resume continues from)",
+    "checkpoint_every": "also write checkpoint.pt every N training steps, so that --resume can continue an "
+                        "interrupted run (0: only at the end)",
     "progress": "show the progress bar",
 }
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m examples.toy2d.train", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else None
-        kind = str(f.type)
-        help_ = HELP.get(f.name, "")
-        if f.name == "method":
-            p.add_argument(flag, default=default, choices=sorted(METHODS), help=help_)
-        elif f.name == "dataset":
-            p.add_argument(flag, default=default, choices=sorted(datasets.DATASETS), help=help_)
-        elif kind.startswith("bool"):
-            p.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=help_)
-        elif kind.startswith("tuple[float"):
-            p.add_argument(flag, default=default, type=float, nargs=2, metavar=("LO", "HI"), help=help_)
-        elif kind.startswith("tuple[int"):
-            p.add_argument(flag, default=default, type=int, nargs="+", help=help_)
-        else:
-            base = kind.split("|")[0].strip()
-            p.add_argument(flag, default=default, type={"int": int, "float": float, "str": str}[base], help=help_)
+    p = argparse.ArgumentParser(prog="python -m examples.toy2d.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=cli.HelpFormatter)
+    cli.add_config_options(p, TrainConfig, HELP, RANGES, choices(), metavars={"guidance_interval": ("LO", "HI")})
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run whose checkpoint.pt is in --out (written every --checkpoint-every steps "
+                        "and at the end) exactly where it stopped; options not given are the checkpoint's, a "
+                        "training option that differs from it is refused")
     return p
+
+
+def default_out(method: str, dataset: str, seed: int) -> str:
+    """The output folder of a command-line run without ``--out``."""
+    return f"runs/toy2d/{method}_{dataset}_s{seed}"
+
+
+def config_from_argv(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
+    """The options of a command line, and whether it asks to resume the run.
+
+    Every error of the options is an argparse usage error (exit status 2) naming the option: a value out of its
+    range or choices, an option given that has no effect with the others (:meth:`TrainConfig.unused`), a
+    conflict between options, an option the objective itself refuses, and for ``--resume`` a missing checkpoint
+    or one trained with other options.
+
+    Args:
+        argv: The arguments (``None``: ``sys.argv[1:]``).
+
+    Returns:
+        ``(config, resume)``.
+    """
+    parser = _parser()
+    given = cli.parse_explicit(parser, argv)
+    resume = given.pop("resume", False)
+    try:
+        options = {"out": default_out(given.get("method", TrainConfig.method),
+                                      given.get("dataset", TrainConfig.dataset), given.get("seed", TrainConfig.seed)),
+                   **given}
+        if resume:
+            options = {**saved_options(options["out"]), **options}
+        cfg = TrainConfig(**options)
+        cli.check_unused(cfg, given)
+        build_objective(cfg)  # the objective's own checks of its options
+        if resume:
+            load_resumable(cfg)
+    except MethodUnavailable as err:
+        raise SystemExit(f"error: {err}") from None
+    except ValueError as err:
+        cli.usage_error(parser, err)
+    return cfg, resume
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Command-line entry point; returns the record."""
-    args = _parser().parse_args(argv)
-    cfg = TrainConfig(**vars(args))
-    if cfg.out is None:
-        cfg.out = f"runs/toy2d/{cfg.method}_{cfg.dataset}_s{cfg.seed}"
-    try:
-        record = train(cfg)
-    except MethodUnavailable as err:
-        raise SystemExit(f"error: {err}") from None
+    cfg, resume = config_from_argv(argv)
+    record = train(cfg, resume=resume)
     ref = record["reference"]["sw2"]
-    print(f"{cfg.method} on {cfg.dataset}, {cfg.steps} steps, {record['train_seconds']:.0f} s "
+    resumed = f", resumed at step {record['resumed_at'][-1]}" if resume else ""
+    print(f"{cfg.method} on {cfg.dataset}, {cfg.steps} steps{resumed}, {record['train_seconds']:.0f} s "
           f"(two target sets differ by SW2 {ref:.3f})")
     for k, m in record["metrics"].items():
         cells = f"   on dark cells {m['on_cells']:.3f}" if "on_cells" in m else ""

@@ -1,7 +1,7 @@
 """Objectives: one module per family, each a thin composition of the primitives."""
 
 from meanflow_losses.objectives.alphaflow import AlphaFlowLoss
-from meanflow_losses.objectives.base import LossOutput
+from meanflow_losses.objectives.base import LossOutput, NonFiniteError
 from meanflow_losses.objectives.flow_matching import FlowMatchingLoss
 from meanflow_losses.objectives.meanflow import MeanFlowLoss
 from meanflow_losses.objectives.splitting import DyadicPairSampler, ShortcutLoss, SplitMeanFlowLoss
@@ -12,6 +12,7 @@ __all__ = [
     "FlowMatchingLoss",
     "LossOutput",
     "MeanFlowLoss",
+    "NonFiniteError",
     "ShortcutLoss",
     "SplitMeanFlowLoss",
 ]

@@ -32,19 +32,27 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from meanflow_losses._validate import check_model_output, select_rows
+from meanflow_losses._validate import check_bool, check_real
 from meanflow_losses.conventions import append_dims
 from meanflow_losses.guidance import TrainingGuidance
-from meanflow_losses.jvp import check_strategy
+from meanflow_losses.jvp import JVPStrategy, check_strategy
+from meanflow_losses.model_checks import RuntimeChecks
 from meanflow_losses.objectives.base import (
     LossOutput,
     PerRowWeight,
     apply_row_weights,
     base_terms,
+    check_finite_loss,
+    check_guidance,
+    check_row_hook,
+    check_times_sampler,
+    check_weighting,
     start_step,
     upcast,
+    weigh,
 )
 from meanflow_losses.objectives.meanflow import MeanFlowLoss, decomposition_terms
+from meanflow_losses.passes import call, no_grad_call
 from meanflow_losses.times import TimePairSampler
 from meanflow_losses.weighting import AdaptiveWeight, check_reduction, reduce_data_dims
 
@@ -72,12 +80,15 @@ def resolve_alpha(alpha: AlphaLike, step: int | None, eta: float) -> tuple[float
     if callable(alpha):
         if step is None:
             raise ValueError("alpha is a schedule (step -> alpha): call the loss with step=<current training step>")
-        raw = float(alpha(int(step)))
+        value = alpha(int(step))
+        where = f" (the schedule's value at step {step})"
     else:
-        raw = float(alpha)
-    if not (math.isfinite(raw) and 0.0 <= raw <= 1.0):
-        where = "" if step is None else f" at step {step}"
-        raise ValueError(f"alpha must lie in [0, 1], got {raw}{where}")
+        value, where = alpha, ""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise TypeError(f"alpha must be a finite real number in [0, 1]{where}, got {type(value).__name__} {value!r}")
+    raw = float(value)
+    if not 0.0 <= raw <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1]{where}, got {raw}")
     eff = raw
     if eta > 0:
         if raw < eta:
@@ -114,6 +125,7 @@ class AlphaFlowLoss:
         decompose: Attach ``decomposition = {"tfm", "fm_border", "tcc"}``. In the consistency and
             trajectory-FM regimes ``tcc`` is :math:`\mathbb{E}\,w\,2\,u_\theta\cdot\mathrm{sg}(\tilde v - u_{tgt})`,
             so :math:`\nabla L = \nabla L_{TFM} + \nabla L_{TCc}` in every regime.
+        runtime_checks: Probe the first calls of the MeanFlow regime and warn when du/dt looks broken.
     """
 
     alpha: AlphaLike
@@ -124,32 +136,42 @@ class AlphaFlowLoss:
     target_clip: float | None = None
     guidance: TrainingGuidance | None = None
     alpha_scale: Literal["alpha", "inverse", "one"] = "alpha"
-    jvp: str = "nograd"
+    jvp: JVPStrategy = "nograd"
     jvp_fp32: bool = True
     fd_eps: float | None = None
     tangent: Literal["conditional", "model"] = "conditional"
     interval_weight: PerRowWeight | None = None
     velocity_weight: PerRowWeight | None = None
     decompose: bool = False
+    runtime_checks: bool = True
+    _checks: RuntimeChecks = field(default_factory=RuntimeChecks, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_reduction(self.reduction)
         check_strategy(self.jvp)
-        if not isinstance(self.times, TimePairSampler):
-            raise TypeError(f"times must be a TimePairSampler, got {type(self.times).__name__}")
+        check_times_sampler(self.times, pairs_only=True)
+        check_weighting(self.weighting)
+        check_guidance(self.guidance)
         if not callable(self.alpha):
             resolve_alpha(self.alpha, None, 0.0)
-        if not (math.isfinite(self.eta) and 0.0 <= self.eta < 0.5):
-            raise ValueError(f"eta must lie in [0, 0.5), got {self.eta}")
-        if self.target_clip is not None and not (math.isfinite(self.target_clip) and self.target_clip > 0):
-            raise ValueError(f"target_clip must be a finite number > 0 or None, got {self.target_clip}")
+        check_real("eta", self.eta, lo=0.0, hi=0.5, hi_open=True)
+        if self.target_clip is not None:
+            check_real("target_clip", self.target_clip, lo=0.0, lo_open=True)
+        check_bool("jvp_fp32", self.jvp_fp32)
+        check_bool("decompose", self.decompose)
+        check_bool("runtime_checks", self.runtime_checks)
+        check_row_hook("interval_weight", self.interval_weight)
+        check_row_hook("velocity_weight", self.velocity_weight)
         if self.alpha_scale not in ALPHA_SCALES:
             raise ValueError(f"alpha_scale must be one of {ALPHA_SCALES}, got {self.alpha_scale!r}")
         self.meanflow_loss()  # validates the options shared with the MeanFlow regime
 
     def meanflow_loss(self) -> MeanFlowLoss:
-        """The :class:`MeanFlowLoss` that runs the ``alpha = 0`` regime, built from the current options."""
-        return MeanFlowLoss(
+        """The :class:`MeanFlowLoss` that runs the ``alpha = 0`` regime, built from the current options.
+
+        It shares this objective's runtime checks, so they count JVP calls across steps.
+        """
+        loss = MeanFlowLoss(
             times=self.times,
             weighting=self.weighting,
             reduction=self.reduction,
@@ -161,7 +183,10 @@ class AlphaFlowLoss:
             interval_weight=self.interval_weight,
             velocity_weight=self.velocity_weight,
             decompose=self.decompose,
+            runtime_checks=self.runtime_checks,
         )
+        loss._checks = self._checks
+        return loss
 
     def alpha_at(self, step: int | None) -> float:
         """The effective alpha (after the ``eta`` thresholds) at ``step``."""
@@ -267,7 +292,7 @@ class AlphaFlowLoss:
             step=step,
         )
         b, tm, v_t, kw, neq, idx = gb.b, gb.target_model, gb.v_tilde, gb.model_kwargs, gb.neq, gb.idx
-        batch, n_j = b.x.shape[0], idx.numel()
+        n_j = idx.numel()
 
         target = v_t.detach()
         if n_j > 0:
@@ -278,22 +303,21 @@ class AlphaFlowLoss:
                 step_j = alpha * (t_j - r_j)  # t - s
                 s_j = t_j - step_j
                 z_s = z_j - append_dims(step_j, z_j).to(z_j.dtype) * v_j
-                with torch.no_grad():
-                    u_next = tm(z_s.detach(), r_j, s_j, **select_rows(kw, idx, batch))
-                u_next = check_model_output(u_next, z_s, who="target_model").detach()
+                u_next = no_grad_call(tm, z_s, r_j, s_j, kw.select(idx))
                 tgt_j = alpha * v_j + (1.0 - alpha) * u_next.to(v_j.dtype)
             if self.target_clip is not None:
                 tgt_j = tgt_j.clamp(-self.target_clip, self.target_clip)
             target = target.index_copy(0, idx, tgt_j.detach())
 
-        u = check_model_output(model(b.z, b.r, b.t, **kw), b.z)
+        u = call(model, b.z, b.r, b.t, kw)
         sq = reduce_data_dims((upcast(u) - upcast(target)).square(), self.reduction)
-        w = self.weighting(sq)
+        w = weigh(self.weighting, sq)
         scale = {"alpha": alpha, "inverse": 1.0 / alpha, "one": 1.0}[self.alpha_scale]
         if scale != 1.0:
             w = torch.where(neq, w * scale, w)
         w = apply_row_weights(w, neq, b.t, b.r, step, self.interval_weight, self.velocity_weight)
         per_sample = w * sq
+        check_finite_loss(per_sample, "alpha-Flow", prediction=u, target=target, weights=w)
         loss = per_sample.mean()
         terms = base_terms(loss, sq, w, gb, guided=self.guidance is not None)
         decomposition = None

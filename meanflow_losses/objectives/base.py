@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from meanflow_losses._validate import (
+    _values_on,
     check_batch,
     check_model_kwargs,
     check_r_le_t,
@@ -22,6 +23,7 @@ from meanflow_losses._validate import (
     check_times,
 )
 from meanflow_losses.adapters import check_protocol, ignores_r
+from meanflow_losses.conditioning import Conditioning
 from meanflow_losses.conventions import conditional_velocity, interpolate
 from meanflow_losses.guidance import GuidanceResult, TrainingGuidance, apply_guidance
 from meanflow_losses.times import TimePairSampler, TimeSampler
@@ -31,12 +33,17 @@ __all__ = [
     "Batch",
     "GuidedBatch",
     "LossOutput",
+    "NonFiniteError",
     "Objective",
     "PerRowWeight",
     "base_terms",
     "prepare_batch",
     "start_step",
 ]
+
+class NonFiniteError(ValueError):
+    """A loss came out NaN or inf; the message names the part that was non-finite (network output, target, ...)."""
+
 
 #: A per-row weight strategy: ``(t, r, step) -> (B,)`` multiplier (for example Min-SNR or the progressive
 #: interval weight of Kim et al.).
@@ -112,7 +119,7 @@ class Batch:
         r: End times, ``(B,)``, ``r <= t``.
         z: ``z_t = (1 - t) x + t e``, ``(B, *D)``.
         v: Target velocity ``e - x`` or the given ``v_target``, ``(B, *D)``.
-        model_kwargs: Conditioning.
+        model_kwargs: Conditioning, per-row entries decided once against ``B``.
     """
 
     x: Tensor
@@ -121,7 +128,7 @@ class Batch:
     r: Tensor
     z: Tensor
     v: Tensor
-    model_kwargs: dict[str, Any]
+    model_kwargs: Conditioning
 
 
 def prepare_batch(
@@ -137,6 +144,7 @@ def prepare_batch(
     generator: torch.Generator | None = None,
     step: int | None = None,
     pairs: bool = True,
+    require_r: bool = False,
 ) -> Batch:
     """Validate inputs, draw what was not given, and build ``z_t`` and ``v``.
 
@@ -146,13 +154,15 @@ def prepare_batch(
         times: Sampler for missing times. A :class:`TimeSampler` draws ``t`` only (``r = t``).
         model_kwargs: Conditioning dict or ``None``.
         t: Optional start times ``(B,)`` in ``[0, 1]``.
-        r: Optional end times ``(B,)`` in ``[0, t]``; defaults to ``t`` when ``t`` is given and ``pairs`` is
-            false or ``times`` is a single-time sampler.
+        r: Optional end times ``(B,)`` in ``[0, t]``. When ``t`` is given without ``r``: an error if
+            ``require_r`` (an objective of ``(t, r)`` pairs would silently never run its interval rows), else
+            ``r = t``.
         noise: Optional noise ``(B, *D)``.
         v_target: Optional target velocity ``(B, *D)`` replacing ``e - x``.
         generator: Random generator for all draws.
         step: Training step, for scheduled fractions.
         pairs: Whether the objective uses ``(t, r)`` pairs.
+        require_r: Refuse ``t`` without ``r`` (objectives with interval rows).
     """
     check_protocol(model)
     x = check_batch("x", x)
@@ -173,6 +183,11 @@ def prepare_batch(
     else:
         t = check_times("t", t, batch).to(device=x.device)
         if r is None:
+            if require_r:
+                raise ValueError(
+                    "t was given without r: this objective trains on (t, r) pairs, and r = t on every row would "
+                    "silently make it flow matching. Pass r as well (r = t on the rows that should be flow matching)"
+                )
             r = t
     r = check_times("r", r, batch).to(device=x.device)
     check_r_le_t(r, t)
@@ -186,7 +201,7 @@ def prepare_batch(
         v = conditional_velocity(x, noise)
     else:
         v = check_same_shape("v_target", v_target, "x", x).detach()
-    return Batch(x=x, noise=noise, t=t, r=r, z=z, v=v, model_kwargs=kw)
+    return Batch(x=x, noise=noise, t=t, r=r, z=z, v=v, model_kwargs=Conditioning.from_kwargs(kw, batch))
 
 
 @dataclass
@@ -197,7 +212,7 @@ class GuidedBatch:
         b: The validated :class:`Batch`.
         target_model: Module of the no-grad passes (``model`` unless one was given).
         v_tilde: Guided target velocity ``(B, *D)`` (``b.v`` without guidance).
-        model_kwargs: Conditioning after condition dropout.
+        model_kwargs: Conditioning after condition dropout (per-row entries decided against ``B``).
         guidance: The :class:`~meanflow_losses.guidance.GuidanceResult` (masks for logging).
         neq: Rows with ``r != t``, bool ``(B,)``.
         idx: Their indices, ``(n,)``; computed on first use (a device sync), so flow matching never pays for it.
@@ -206,7 +221,7 @@ class GuidedBatch:
     b: Batch
     target_model: Any
     v_tilde: Tensor
-    model_kwargs: dict[str, Any]
+    model_kwargs: Conditioning
     guidance: GuidanceResult
     neq: Tensor
 
@@ -254,8 +269,8 @@ def start_step(
         drop_mask: Optional explicit condition-dropout rows, bool ``(B,)``.
         generator: Random generator for every draw.
         step: Training step.
-        needs_r: Refuse a network that ignores ``r`` when the batch has ``r != t`` rows
-            (:func:`check_uses_r`).
+        needs_r: The objective trains on ``(t, r)`` pairs: ``t`` without ``r`` is an error, and a network that
+            ignores ``r`` is refused when the batch has ``r != t`` rows (:func:`check_uses_r`).
     """
     b = prepare_batch(
         model,
@@ -268,8 +283,11 @@ def start_step(
         v_target=v_target,
         generator=generator,
         step=step,
+        require_r=needs_r,
     )
     tm = model if target_model is None else target_model
+    if target_model is not None:
+        check_protocol(target_model, "target_model")
     g = apply_guidance(guidance, tm, b.z, b.t, b.v, b.model_kwargs, drop_mask=drop_mask, generator=generator)
     gb = GuidedBatch(b=b, target_model=tm, v_tilde=g.v_tilde, model_kwargs=g.model_kwargs, guidance=g, neq=b.r != b.t)
     if needs_r:
@@ -345,6 +363,32 @@ def check_uses_r(model: Any, target_model: Any, n_interval_rows: int, objective:
         )
 
 
+def check_row_weights(name: str, w: Any, batch: int) -> Tensor:
+    """Check a per-row weight: a floating tensor of shape ``(B,)``, ``>= 0`` (under value checks).
+
+    Args:
+        name: The hook's name in messages (``"interval_weight"``, ``"weighting"``, ...).
+        w: What the hook returned.
+        batch: ``B``.
+    """
+    if not isinstance(w, Tensor) or not w.is_floating_point():
+        got = f"dtype {w.dtype}" if isinstance(w, Tensor) else type(w).__name__
+        raise TypeError(f"{name} must return a floating-point tensor of shape ({batch},), got {got}")
+    if tuple(w.shape) != (batch,):
+        raise ValueError(
+            f"{name} must return one weight per row, shape ({batch},), got {tuple(w.shape)} (a (B, 1) weight would "
+            "broadcast the per-sample losses to (B, B))"
+        )
+    if _values_on() and bool((w < 0).any()):
+        raise ValueError(f"{name} returned negative weights; weights must be >= 0")
+    return w  # NaN / inf weights are caught by check_finite_loss, which names the part that caused them
+
+
+def weigh(weighting: Any, sq: Tensor) -> Tensor:
+    """The per-sample weights ``weighting(sq)``, checked (``(B,)``, ``>= 0``) and detached."""
+    return check_row_weights("weighting", weighting(sq), sq.shape[0]).detach()
+
+
 def apply_row_weights(
     w: Tensor,
     neq: Tensor,
@@ -367,9 +411,76 @@ def apply_row_weights(
 
     Returns:
         Detached weights, shape ``(B,)``.
+
+    Raises:
+        ValueError: a hook returned another shape than ``(B,)`` or negative / non-finite weights.
     """
+    batch = w.shape[0]
     if interval_weight is not None:
-        w = torch.where(neq, w * interval_weight(t, r, step).to(w), w)
+        wi = check_row_weights("interval_weight", interval_weight(t, r, step), batch)
+        w = torch.where(neq, w * wi.to(w), w)
     if velocity_weight is not None:
-        w = torch.where(neq, w, w * velocity_weight(t, r, step).to(w))
+        wv = check_row_weights("velocity_weight", velocity_weight(t, r, step), batch)
+        w = torch.where(neq, w, w * wv.to(w))
     return w.detach()
+
+
+def check_weighting(weighting: Any) -> None:
+    """Check at construction that ``weighting`` is a weighting strategy (``sq (B,) -> weights (B,)``)."""
+    from meanflow_losses.weighting import AdaptiveWeight
+
+    if isinstance(weighting, AdaptiveWeight):
+        return
+    if isinstance(weighting, (int, float, str, bool)) or not callable(weighting):
+        raise TypeError(
+            "weighting must be an AdaptiveWeight (e.g. mfl.AdaptiveWeight(p=1.0, c=1e-3)) or a callable "
+            f"sq (B,) -> weights (B,), got {type(weighting).__name__} {weighting!r}"
+        )
+
+
+def check_row_hook(name: str, hook: Any) -> None:
+    """Check at construction that a per-row weight hook is ``None`` or callable ``(t, r, step) -> (B,)``."""
+    if hook is not None and not callable(hook):
+        raise TypeError(f"{name} must be None or a callable (t, r, step) -> (B,), got {type(hook).__name__}")
+
+
+def check_guidance(guidance: Any) -> None:
+    """Check at construction that ``guidance`` is ``None`` or a :class:`TrainingGuidance`."""
+    if guidance is not None and not isinstance(guidance, TrainingGuidance):
+        raise TypeError(f"guidance must be None or a TrainingGuidance, got {type(guidance).__name__}")
+
+
+def check_times_sampler(times: Any, *, pairs_only: bool) -> None:
+    """Check at construction that ``times`` is a (pair) sampler."""
+    allowed = (TimePairSampler,) if pairs_only else (TimeSampler, TimePairSampler)
+    if not isinstance(times, allowed):
+        names = " or ".join(c.__name__ for c in allowed)
+        raise TypeError(f"times must be a {names}, got {type(times).__name__}")
+
+
+def check_finite_loss(per_sample: Tensor, objective: str, **parts: Tensor | None) -> None:
+    """Raise :class:`NonFiniteError` naming the non-finite part when ``per_sample`` holds NaN or inf.
+
+    One host sync per call (skipped under ``mfl.value_checks(False)``); the parts are inspected only on failure.
+
+    Args:
+        per_sample: Per-sample losses ``(B,)``.
+        objective: Name used in the message.
+        **parts: The tensors the loss was built from, e.g. ``prediction=u, target=target, dudt=dudt``.
+    """
+    if not _values_on() or bool(torch.isfinite(per_sample).all()):
+        return
+    bad = [name for name, val in parts.items() if val is not None and not bool(torch.isfinite(val).all())]
+    rows_bad = (~torch.isfinite(per_sample)).nonzero().squeeze(1)[:8].tolist()
+    where = ", ".join(bad) if bad else "the per-sample weights"
+    hint = ""
+    if "prediction" in bad:
+        hint = " The network's output is not finite: check its weights and inputs (a NaN or inf parameter?)."
+    elif bad == ["weights"]:
+        hint = " A weighting or a per-row weight hook (interval_weight, velocity_weight) returned NaN or inf."
+    elif bad:
+        hint = (
+            " The target is not finite although the prediction is: du/dt or a no-grad pass overflowed (a half "
+            "precision model without autocast? keep jvp_fp32=True) or the teacher/target_model returned NaN."
+        )
+    raise NonFiniteError(f"{objective}: the loss is non-finite on rows {rows_bad}; non-finite: {where}.{hint}")

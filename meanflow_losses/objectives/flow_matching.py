@@ -17,9 +17,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from meanflow_losses._validate import check_model_output
 from meanflow_losses.guidance import TrainingGuidance
-from meanflow_losses.objectives.base import LossOutput, base_terms, start_step, upcast
+from meanflow_losses.objectives.base import (
+    LossOutput,
+    base_terms,
+    check_finite_loss,
+    check_guidance,
+    check_times_sampler,
+    check_weighting,
+    start_step,
+    upcast,
+    weigh,
+)
+from meanflow_losses.passes import call
 from meanflow_losses.times import TimePairSampler, TimeSampler
 from meanflow_losses.weighting import AdaptiveWeight, check_reduction, reduce_data_dims
 
@@ -44,8 +54,9 @@ class FlowMatchingLoss:
 
     def __post_init__(self) -> None:
         check_reduction(self.reduction)
-        if not isinstance(self.times, (TimeSampler, TimePairSampler)):
-            raise TypeError(f"times must be a TimeSampler or TimePairSampler, got {type(self.times).__name__}")
+        check_times_sampler(self.times, pairs_only=False)
+        check_weighting(self.weighting)
+        check_guidance(self.guidance)
 
     def __call__(
         self,
@@ -99,10 +110,11 @@ class FlowMatchingLoss:
             needs_r=False,
         )
         b = gb.b
-        u = check_model_output(model(b.z, b.r, b.t, **gb.model_kwargs), b.z)
+        u = call(model, b.z, b.r, b.t, gb.model_kwargs)
         sq = reduce_data_dims((upcast(u) - upcast(gb.v_tilde)).square(), self.reduction)
-        w = self.weighting(sq)
+        w = weigh(self.weighting, sq)
         per_sample = w * sq
+        check_finite_loss(per_sample, "flow matching", prediction=u, target=gb.v_tilde, weights=w)
         loss = per_sample.mean()
         terms = base_terms(loss, sq, w, gb, guided=self.guidance is not None, split_rows=False)
         return LossOutput(loss=loss, per_sample=per_sample, terms=terms, t=b.t, r=b.r)

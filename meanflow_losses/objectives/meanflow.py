@@ -20,7 +20,12 @@ weighted) computed in the same gradient forward.
 With ``decompose=True`` the result carries ``decomposition = {"tfm", "fm_border", "tcc"}``:
 :math:`L_{TFM} = \mathbb{E}\, w\|u_\theta - \tilde v\|^2`,
 :math:`L_{TCc} = \mathbb{E}\, w\,2(t - r)\,u_\theta\cdot\mathrm{sg}(du/dt)` and
-:math:`L_{FM'}` (``r = t`` rows only), with :math:`\nabla L_{MF} = \nabla L_{TFM} + \nabla L_{TCc}` exactly.
+:math:`L_{FM'}` (``r = t`` rows only), with :math:`\nabla L_{MF} = \nabla L_{TFM} + \nabla L_{TCc}` exactly; with
+``aux_velocity_weight > 0`` the decomposition also holds ``"aux"`` (the weighted auxiliary loss) and
+:math:`\nabla L = \nabla(L_{TFM} + L_{TCc} + L_{aux})`.
+
+The first JVP calls are probed (:class:`~meanflow_losses.model_checks.RuntimeChecks`): a ``MeanFlowWarning`` names
+a broken du/dt (``t * 1000`` embeddings, cut time paths), in-network label dropout or batch statistics.
 """
 
 from __future__ import annotations
@@ -31,30 +36,31 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from meanflow_losses._validate import check_model_output, select_rows
+from meanflow_losses._validate import check_bool, check_real
 from meanflow_losses.conventions import append_dims
 from meanflow_losses.guidance import TrainingGuidance
-from meanflow_losses.jvp import check_strategy, time_derivative
+from meanflow_losses.jvp import JVPStrategy, check_strategy, time_derivative
+from meanflow_losses.model_checks import RuntimeChecks
 from meanflow_losses.objectives.base import (
     LossOutput,
     PerRowWeight,
     apply_row_weights,
     base_terms,
+    check_finite_loss,
+    check_guidance,
+    check_row_hook,
+    check_times_sampler,
+    check_weighting,
     rows,
     start_step,
     upcast,
+    weigh,
 )
+from meanflow_losses.passes import batch_stat_layers, call, no_grad_call
 from meanflow_losses.times import TimePairSampler
 from meanflow_losses.weighting import AdaptiveWeight, check_reduction, reduce_data_dims
 
 __all__ = ["MeanFlowLoss", "decomposition_terms"]
-
-
-def _cat_kwargs(kw: dict[str, Any], n: int) -> dict[str, Any]:
-    return {
-        k: torch.cat([val, val]) if isinstance(val, Tensor) and val.ndim > 0 and val.shape[0] == n else val
-        for k, val in kw.items()
-    }
 
 
 def decomposition_terms(
@@ -78,6 +84,7 @@ def decomposition_terms(
     u32 = upcast(u)
     sq = reduce_data_dims((u32 - upcast(v_tilde)).square(), reduction)
     gap = append_dims(t - r, u32).to(u32.dtype)
+    w = w.to(u32.dtype)
     tcc = reduce_data_dims(2 * gap * u32 * upcast(dudt.detach()), reduction)
     eq = r == t
     n_eq = eq.sum().clamp_min(1)
@@ -106,14 +113,16 @@ class MeanFlowLoss:
         interval_weight: Optional ``(t, r, step) -> (B,)`` multiplier applied after the adaptive weight on
             ``r != t`` rows (e.g. Kim et al.'s progressive interval weight).
         velocity_weight: Optional ``(t, r, step) -> (B,)`` multiplier on ``r = t`` rows (e.g. Min-SNR).
-        decompose: Attach the differentiable ``{"tfm", "fm_border", "tcc"}`` decomposition.
+        decompose: Attach the differentiable ``{"tfm", "fm_border", "tcc"}`` decomposition (and ``"aux"`` when
+            ``aux_velocity_weight > 0``).
+        runtime_checks: Probe the first JVP calls and warn (``MeanFlowWarning``) when du/dt looks broken.
     """
 
     times: TimePairSampler = field(default_factory=lambda: TimePairSampler("logit_normal", -0.4, 1.0, 0.75))
     weighting: AdaptiveWeight = field(default_factory=lambda: AdaptiveWeight(p=1.0, c=1e-3))
     reduction: str = "sum"
     guidance: TrainingGuidance | None = None
-    jvp: str = "nograd"
+    jvp: JVPStrategy = "nograd"
     jvp_fp32: bool = True
     fd_eps: float | None = None
     tangent: Literal["conditional", "model"] = "conditional"
@@ -122,16 +131,26 @@ class MeanFlowLoss:
     interval_weight: PerRowWeight | None = None
     velocity_weight: PerRowWeight | None = None
     decompose: bool = False
+    runtime_checks: bool = True
+    _checks: RuntimeChecks = field(default_factory=RuntimeChecks, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_reduction(self.reduction)
         check_strategy(self.jvp)
-        if not isinstance(self.times, TimePairSampler):
-            raise TypeError(f"times must be a TimePairSampler, got {type(self.times).__name__}")
+        check_times_sampler(self.times, pairs_only=True)
+        check_weighting(self.weighting)
+        check_guidance(self.guidance)
+        check_bool("jvp_fp32", self.jvp_fp32)
+        if self.fd_eps is not None:
+            check_real("fd_eps", self.fd_eps, lo=0.0, lo_open=True)
         if self.tangent not in ("conditional", "model"):
             raise ValueError(f"tangent must be 'conditional' or 'model', got {self.tangent!r}")
-        if not self.aux_velocity_weight >= 0:
-            raise ValueError(f"aux_velocity_weight must be >= 0, got {self.aux_velocity_weight}")
+        check_bool("compound", self.compound)
+        check_real("aux_velocity_weight", self.aux_velocity_weight, lo=0.0)
+        check_row_hook("interval_weight", self.interval_weight)
+        check_row_hook("velocity_weight", self.velocity_weight)
+        check_bool("decompose", self.decompose)
+        check_bool("runtime_checks", self.runtime_checks)
         if self.aux_velocity_weight > 0 and self.jvp == "joint":
             raise ValueError(
                 "aux_velocity_weight > 0 needs one batched gradient forward: use jvp='nograd' or "
@@ -190,15 +209,17 @@ class MeanFlowLoss:
         )
         b, tm, v_t, kw, neq, idx = gb.b, gb.target_model, gb.v_tilde, gb.model_kwargs, gb.neq, gb.idx
         batch, n_j = b.x.shape[0], idx.numel()
+        if self.jvp == "joint" or self.aux_velocity_weight > 0:
+            self._refuse_batch_statistics(model)
 
-        dudt = torch.zeros_like(v_t)
+        cdtype = upcast(v_t).dtype  # du/dt and the target are kept in at least float32
+        dudt = torch.zeros(v_t.shape, dtype=cdtype, device=v_t.device)
         u_joint: Tensor | None = None
         if n_j > 0:
             z_j, r_j, t_j = b.z.index_select(0, idx), b.r.index_select(0, idx), b.t.index_select(0, idx)
-            kw_j = select_rows(kw, idx, batch)
+            kw_j = kw.select(idx)
             if self.tangent == "model":
-                with torch.no_grad():
-                    tan = check_model_output(tm(z_j, t_j, t_j, **kw_j), z_j, who="target_model").to(v_t.dtype)
+                tan = no_grad_call(tm, z_j, t_j, t_j, kw_j).to(v_t.dtype)
             else:
                 tan = v_t.index_select(0, idx)
             res = time_derivative(
@@ -212,9 +233,11 @@ class MeanFlowLoss:
                 fp32=self.jvp_fp32,
                 fd_eps=self.fd_eps,
             )
-            dudt = dudt.index_copy(0, idx, res.dudt.to(v_t.dtype))
+            dudt = dudt.index_copy(0, idx, res.dudt.to(cdtype))
             if self.jvp == "joint":
                 u_joint = res.u
+            if self.runtime_checks and self._checks.active:
+                self._checks(tm, z_j, r_j, t_j, tan, kw_j, strategy=self.jvp, fd_eps=self.fd_eps, objective="MeanFlow")
 
         u_aux: Tensor | None = None
         if u_joint is not None:
@@ -222,40 +245,46 @@ class MeanFlowLoss:
             u = torch.zeros(b.z.shape, dtype=u_joint.dtype, device=b.z.device).index_copy(0, idx, u_joint)
             if eq_idx.numel() > 0:
                 z_e, t_e = b.z.index_select(0, eq_idx), b.t.index_select(0, eq_idx)
-                u_e = check_model_output(model(z_e, t_e, t_e, **select_rows(kw, eq_idx, batch)), z_e)
+                u_e = call(model, z_e, t_e, t_e, kw.select(eq_idx))
                 u = u.index_copy(0, eq_idx, u_e.to(u.dtype))
         elif self.aux_velocity_weight > 0:
             zz = torch.cat([b.z, b.z])
-            out = check_model_output(
-                model(zz, torch.cat([b.r, b.t]), torch.cat([b.t, b.t]), **_cat_kwargs(kw, batch)), zz
-            )
+            out = call(model, zz, torch.cat([b.r, b.t]), torch.cat([b.t, b.t]), kw.repeat(2))
             u, u_aux = out[:batch], out[batch:]
         else:
-            u = check_model_output(model(b.z, b.r, b.t, **kw), b.z)
+            u = call(model, b.z, b.r, b.t, kw)
 
-        gap = append_dims(b.t - b.r, v_t).to(v_t.dtype)
-        target = (v_t - gap * dudt).detach()
+        gap = append_dims(b.t - b.r, v_t).to(cdtype)
+        target = (upcast(v_t) - gap * dudt).detach()
         if self.compound:
-            pred = upcast(u) + upcast(gap * dudt).detach()
+            pred = upcast(u) + (gap * dudt).detach()
             sq = reduce_data_dims((pred - upcast(v_t)).square(), self.reduction)
         else:
-            sq = reduce_data_dims((upcast(u) - upcast(target)).square(), self.reduction)
-        w = self.weighting(sq)
+            sq = reduce_data_dims((upcast(u) - target).square(), self.reduction)
+        w = weigh(self.weighting, sq)
         w = apply_row_weights(w, neq, b.t, b.r, step, self.interval_weight, self.velocity_weight)
         per_sample = w * sq
         aux_terms: dict[str, Tensor] = {}
+        aux_loss: Tensor | None = None
         if u_aux is not None:
             sq_aux = reduce_data_dims((upcast(u_aux) - upcast(v_t)).square(), self.reduction)
-            w_aux = self.weighting(sq_aux)
-            per_sample = per_sample + self.aux_velocity_weight * w_aux * sq_aux
+            w_aux = weigh(self.weighting, sq_aux)
+            aux_per_sample = self.aux_velocity_weight * w_aux * sq_aux
+            per_sample = per_sample + aux_per_sample
+            aux_loss = aux_per_sample.mean()
             aux_terms["aux_mse"] = sq_aux.detach().mean()
+        check_finite_loss(
+            per_sample, "MeanFlow", prediction=u, aux_prediction=u_aux, target=target, dudt=dudt, weights=w
+        )
         loss = per_sample.mean()
         terms = base_terms(loss, sq, w, gb, guided=self.guidance is not None)
-        terms["dudt_rms"] = upcast(dudt).square().mean().sqrt().detach()
+        terms["dudt_rms"] = dudt.square().mean().sqrt().detach()
         terms.update(aux_terms)
         decomposition = None
         if self.decompose:
             decomposition = decomposition_terms(u, v_t, dudt, b.t, b.r, w, self.reduction)
+            if aux_loss is not None:
+                decomposition["aux"] = aux_loss
         return LossOutput(
             loss=loss,
             per_sample=per_sample,
@@ -265,3 +294,15 @@ class MeanFlowLoss:
             decomposition=decomposition,
             extras={"target": target, "dudt": dudt},
         )
+
+    def _refuse_batch_statistics(self, model: Any) -> None:
+        bn = batch_stat_layers(model)
+        if bn:
+            what = "jvp='joint' splits the gradient forward" if self.jvp == "joint" else (
+                "aux_velocity_weight > 0 doubles the rows of the gradient forward"
+            )
+            raise ValueError(
+                f"the model normalises with batch statistics ({', '.join(bn[:3])}) and {what}, so its statistics "
+                "(and running buffers) would not be those of one forward of the batch. Use jvp='nograd' or "
+                "'finite_difference' without aux_velocity_weight, put BatchNorm in eval mode, or use GroupNorm"
+            )

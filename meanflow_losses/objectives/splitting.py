@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from meanflow_losses._validate import check_batch, check_model_output, select_rows
+from meanflow_losses._validate import check_batch, check_int, check_real
 from meanflow_losses.conventions import append_dims
 from meanflow_losses.guidance import TrainingGuidance
 from meanflow_losses.objectives.base import (
@@ -39,10 +39,16 @@ from meanflow_losses.objectives.base import (
     PerRowWeight,
     apply_row_weights,
     base_terms,
+    check_finite_loss,
+    check_guidance,
+    check_row_hook,
+    check_weighting,
     masked_mean,
     start_step,
     upcast,
+    weigh,
 )
+from meanflow_losses.passes import call, no_grad_call
 from meanflow_losses.times import TimePair, TimePairSampler, TimeSampler
 from meanflow_losses.weighting import AdaptiveWeight, check_reduction, reduce_data_dims
 
@@ -68,10 +74,9 @@ class DyadicPairSampler:
     fm_times: TimeSampler = field(default_factory=lambda: TimeSampler("uniform"))
 
     def __post_init__(self) -> None:
-        if isinstance(self.levels, bool) or not isinstance(self.levels, int) or not 1 <= self.levels <= 30:
+        if check_int("levels", self.levels, lo=1) > 30:
             raise ValueError(f"levels must be an integer in [1, 30], got {self.levels!r}")
-        if not (0.0 <= self.consistency_fraction <= 1.0):
-            raise ValueError(f"consistency_fraction must lie in [0, 1], got {self.consistency_fraction}")
+        check_real("consistency_fraction", self.consistency_fraction, lo=0.0, hi=1.0)
         if not isinstance(self.fm_times, TimeSampler):
             raise TypeError(f"fm_times must be a TimeSampler, got {type(self.fm_times).__name__}")
 
@@ -148,10 +153,14 @@ class SplitMeanFlowLoss:
         check_reduction(self.reduction)
         if not isinstance(self.times, (TimePairSampler, DyadicPairSampler)):
             raise TypeError(f"times must be a TimePairSampler or DyadicPairSampler, got {type(self.times).__name__}")
-        if self.lam is not None and not (0.0 < float(self.lam) < 1.0):
-            raise ValueError(f"lam must lie in (0, 1) or be None (uniform per row), got {self.lam}")
-        if self.target_clip is not None and not (math.isfinite(self.target_clip) and self.target_clip > 0):
-            raise ValueError(f"target_clip must be a finite number > 0 or None, got {self.target_clip}")
+        if self.lam is not None:
+            check_real("lam", self.lam, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+        if self.target_clip is not None:
+            check_real("target_clip", self.target_clip, lo=0.0, lo_open=True)
+        check_weighting(self.weighting)
+        check_guidance(self.guidance)
+        check_row_hook("interval_weight", self.interval_weight)
+        check_row_hook("velocity_weight", self.velocity_weight)
 
     def __call__(
         self,
@@ -224,25 +233,25 @@ class SplitMeanFlowLoss:
         target = v_t.detach()
         if n_j > 0:
             z_j, r_j, t_j = b.z.index_select(0, idx), b.r.index_select(0, idx), b.t.index_select(0, idx)
-            kw_j = select_rows(kw, idx, batch)
+            kw_j = kw.select(idx)
             lam_j = lam_all.index_select(0, idx)
             first = lam_j * (t_j - r_j)  # t - s
             s_j = t_j - first
-            with torch.no_grad():
-                u2 = check_model_output(tm(z_j.detach(), s_j, t_j, **kw_j), z_j, who="target_model").to(v_t.dtype)
-                z_s = z_j.detach() - append_dims(first, z_j).to(z_j.dtype) * u2.to(z_j.dtype)
-                u1 = check_model_output(tm(z_s, r_j, s_j, **kw_j), z_s, who="target_model").to(v_t.dtype)
+            u2 = no_grad_call(tm, z_j, s_j, t_j, kw_j).to(v_t.dtype)
+            z_s = z_j.detach() - append_dims(first, z_j).to(z_j.dtype) * u2.to(z_j.dtype)
+            u1 = no_grad_call(tm, z_s, r_j, s_j, kw_j).to(v_t.dtype)
             lam_d = append_dims(lam_j, u2).to(v_t.dtype)
             tgt_j = lam_d * u2 + (1 - lam_d) * u1
             if self.target_clip is not None:
                 tgt_j = tgt_j.clamp(-self.target_clip, self.target_clip)
             target = target.index_copy(0, idx, tgt_j.detach())
 
-        u = check_model_output(model(b.z, b.r, b.t, **kw), b.z)
+        u = call(model, b.z, b.r, b.t, kw)
         sq = reduce_data_dims((upcast(u) - upcast(target)).square(), self.reduction)
-        w = self.weighting(sq)
+        w = weigh(self.weighting, sq)
         w = apply_row_weights(w, neq, b.t, b.r, step, self.interval_weight, self.velocity_weight)
         per_sample = w * sq
+        check_finite_loss(per_sample, "interval splitting", prediction=u, target=target, weights=w)
         loss = per_sample.mean()
         terms = base_terms(loss, sq, w, gb, guided=self.guidance is not None, interval_key="split_mse")
         terms["lam_mean"] = masked_mean(lam_all, neq)

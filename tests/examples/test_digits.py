@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import meanflow_losses as mfl
+from examples.cli import ConfigError, Range
 from examples.digits.classifier import DigitClassifier, accuracy, frechet_distance
 from examples.digits.data import load_digits
 from examples.digits.model import DiT
-from examples.digits.train import DigitsConfig, main, run
+from examples.digits.train import DigitsConfig, _parser, config_from_argv, main, run
 
 
 def test_data_split_is_stratified_scaled_and_fixed():
@@ -114,3 +115,47 @@ def test_fm_baseline_can_be_skipped(tmp_path):
         )
     )
     assert not any(k.startswith("FM") for k in rec["results"])
+
+
+def test_every_cli_option_has_help_a_range_or_choices_and_its_default_once():
+    import argparse
+
+    parser = _parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, action.option_strings
+        if not isinstance(action, argparse.BooleanOptionalAction) and action.dest != "out":
+            assert action.choices or isinstance(action.type, Range), action.option_strings
+    text = " ".join(parser.format_help().split())  # unwrapped
+    assert "(default: None)" not in text and text.count("(default: 3000)") == 1
+    assert "(default: the same as --steps; 0 skips it)" in text  # --fm-steps explains its None default
+    assert "{uniform,logit_normal}" in text
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
+    (["--fm-steps", "-1"], "argument --fm-steps: must be an integer >= 0, got -1"),
+    (["--lr", "0"], "argument --lr: must be a number > 0, got 0"),
+    (["--ema", "1"], "argument --ema: must be a number in [0, 1), got 1"),
+    (["--kappa", "1"], "argument --kappa: must be a number < 1, got 1"),
+    (["--drop-prob", "nan"], "argument --drop-prob: must be a number in [0, 1), got nan"),
+    (["--equal-fraction", "1.5"], "argument --equal-fraction: must be a number in [0, 1], got 1.5"),
+    (["--per-class", "0"], "argument --per-class: must be an integer >= 1, got 0"),
+    (["--time-dist", "beta"], "argument --time-dist: invalid choice: 'beta'"),
+    (["--heads", "3"], "argument --width/--heads: width must be a multiple of heads, got width=64, heads=3"),
+    (["--fm-steps", "0", "--fm-sample-steps", "10"], "argument --fm-sample-steps: has no effect with --fm-steps 0"),
+])
+def test_cli_errors_are_usage_errors_naming_the_option(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exc:
+        config_from_argv(argv)
+    assert exc.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_cli_and_config_accept_valid_options():
+    cfg = config_from_argv(["--fm-steps", "0", "--width", "48", "--heads", "3", "--time-dist", "uniform"])
+    assert (cfg.fm_steps, cfg.width, cfg.heads, cfg.time_dist) == (0, 48, 3, "uniform")
+    assert config_from_argv([]) == DigitsConfig()
+    with pytest.raises(ConfigError, match="ema must be a number in \\[0, 1\\)") as exc:
+        DigitsConfig(ema=1.0)
+    assert exc.value.options == ("ema",)

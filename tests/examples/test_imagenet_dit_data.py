@@ -146,13 +146,83 @@ def test_empty_and_corrupt_shards_are_named(tmp_path, images, vae):
     with pytest.raises(LatentDataError, match=r"shard_00000.*empty"):
         LatentShards(empty)
 
-    nan = tmp_path / "nan"
-    shutil.copytree(good, nan)
-    arr = np.load(nan / "shard_00002" / "std.npy")
-    arr[-1] = np.nan
-    np.save(nan / "shard_00002" / "std.npy", arr)
-    with pytest.raises(LatentDataError, match=r"shard_00002.*non-finite"):
-        LatentShards(nan)
+    floats = tmp_path / "float_labels"
+    shutil.copytree(good, floats)
+    np.save(floats / "shard_00001" / "labels.npy", np.zeros(4, np.float32))
+    with pytest.raises(LatentDataError, match=r"shard_00001.*labels.npy has dtype float32, expected kind 'iu'"):
+        LatentShards(floats)
+
+
+@pytest.fixture(scope="module")
+def good_latents(tmp_path_factory, images, vae):
+    """Shards of 4, 4 and 2 images (rows 0-3 of shard_00001 are dataset images 4-7)."""
+    out = tmp_path_factory.mktemp("good") / "lat"
+    prep(images, out, vae)
+    return out
+
+
+def corrupt_copy(good, tmp_path, shard, name, edit):
+    """A copy of ``good`` with ``edit(array)`` applied to ``shard/name.npy``."""
+    out = tmp_path / "lat"
+    shutil.copytree(good, out)
+    path = out / shard / f"{name}.npy"
+    arr = np.load(path)
+    edit(arr)
+    np.save(path, arr)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("shard", "name", "row", "image", "value"),
+    [
+        ("shard_00001", "mean", 2, 6, np.nan),  # a middle row: neither the first nor the last of its shard
+        ("shard_00001", "std", 1, 5, np.inf),
+        ("shard_00000", "std", 0, 0, np.nan),
+        ("shard_00002", "mean", 1, 9, -np.inf),  # the last row of the dataset
+    ],
+)
+def test_non_finite_row_anywhere_names_shard_and_row(good_latents, tmp_path, shard, name, row, image, value):
+    def put(arr):
+        arr[row, 1, 2, 3, 4] = value  # one element of the flipped copy
+
+    data = LatentShards(corrupt_copy(good_latents, tmp_path, shard, name, put))  # opening reads no latent rows
+    others = [i for i in range(10) if i != image]
+    mean, _, _ = data.gather(others)
+    assert np.isfinite(mean).all()  # the other rows are served as before
+    pattern = rf"{shard}.*{name}\.npy row {row} \(dataset image {image}\) holds non-finite values"
+    with pytest.raises(LatentDataError, match=pattern):
+        data.gather([others[0], image, others[1]])
+    with pytest.raises(LatentDataError, match=pattern):  # what train.py calls
+        data.sample_batch(np.array([image]), torch.Generator().manual_seed(0), "cpu")
+
+
+@pytest.mark.parametrize("name", ["mean", "std", "labels"])
+def test_truncated_file_names_shard_and_missing_rows(good_latents, tmp_path, name):
+    out = tmp_path / "lat"
+    shutil.copytree(good_latents, out)
+    path = out / "shard_00001" / f"{name}.npy"
+    with open(path, "rb") as f:
+        assert np.lib.format.read_magic(f) == (1, 0)
+        np.lib.format.read_array_header_1_0(f)
+        header = f.tell()
+    row = (path.stat().st_size - header) // 4  # 4 rows
+    path.write_bytes(path.read_bytes()[: header + 2 * row + row // 2])  # two and a half rows left
+    with pytest.raises(LatentDataError, match=rf"shard_00001.*{name}\.npy is truncated.*rows 2 to 3 are missing"):
+        LatentShards(out)
+
+
+@pytest.mark.parametrize(
+    ("label", "extra"),
+    [(-1, ""), (2, r" \(= num_classes: the null class of guidance\)"), (7, "")],
+)
+def test_labels_outside_the_classes_name_shard_and_row(good_latents, tmp_path, label, extra):
+    def put(arr):
+        arr[1] = label  # a middle row of shard_00001 (2 classes in the manifest)
+
+    out = corrupt_copy(good_latents, tmp_path, "shard_00001", "labels", put)
+    pattern = rf"shard_00001.*labels\.npy row 1 holds label {label}{extra}, outside \[0, 2\)"
+    with pytest.raises(LatentDataError, match=pattern):
+        LatentShards(out)
 
 
 def test_epoch_batches_split_one_global_batch_between_ranks():

@@ -20,7 +20,8 @@ from examples.imagenet_dit import sample, train
 from examples.imagenet_dit.dit import DiT, make_dit_config
 from examples.imagenet_dit.dit_config import Config
 from examples.imagenet_dit.dit_runtime import DistInfo
-from examples.imagenet_dit.dit_smoke import TINY_OVERRIDES, build_tiny_latents, torchrun
+from examples.imagenet_dit.dit_smoke import TINY_OVERRIDES, build_tiny_latents, torchrun, torchrun_process
+from examples.imagenet_dit.latent_data import EpochBatches
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -106,7 +107,7 @@ def one_step(objective, info, rows, distributed="ddp"):
     dit_cfg = make_dit_config("DiT-S/2", **DIT)
     trainer = train.Trainer(cfg, info, dit_cfg)
     g = torch.Generator().manual_seed(0)
-    weights = {f"net.{k}": torch.randn(v.shape, generator=g) * 0.1 for k, v in DiT(dit_cfg).state_dict().items()}
+    weights = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in DiT(dit_cfg).state_dict().items()}
     set_model_state_dict(trainer.module, weights, options=StateDictOptions(full_state_dict=True))
     trainer.step = 5
     x, y, d = draws()
@@ -294,6 +295,35 @@ def test_end_to_end_prepare_train_sample_fid(tmp_path):
     fid_direct = sample.compute_fid(two, ref, feature=TinyFeatures())
     assert fid_direct == pytest.approx(res["fid"], rel=1e-6)
     assert sample.compute_fid(ref, ref, feature=TinyFeatures()) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_corrupt_row_on_one_rank_stops_every_rank(tmp_path):
+    """A NaN row that only rank 1 reads, first at step 3: both ranks exit with an error naming shard and row."""
+    paths = build_tiny_latents(tmp_path, per_class=16)  # 32 images in shards of 6: 4 steps per epoch
+    steps = [EpochBatches(32, BATCH, seed=0).indices(k, 1, 2) for k in range(3)]  # rank 1's rows, steps 1-3
+    earlier = np.concatenate(steps[:2])
+    # neither the first nor the last row of its shard (those alone used to be probed when the shards were opened)
+    image = int(next(i for i in steps[2] if i not in earlier and 0 < i % 6 < 5 and i < 30))
+    shard, row = divmod(image, 6)
+    mean = paths["latents"] / f"shard_{shard:05d}" / "mean.npy"
+    values = np.load(mean)
+    values[row, 0, 1, 2, 3] = np.nan
+    np.save(mean, values)
+    run_dir = tmp_path / "run"
+    args = ["--config", "flow_matching_b2", "--data", str(paths["latents"]), "--run-dir", str(run_dir)]
+    res = torchrun_process(  # a rank left waiting would end in subprocess.TimeoutExpired
+        "examples.imagenet_dit.train",
+        [*args, "--device", "cpu", *[x for o in TINY_OVERRIDES for x in ("--set", o)]],
+        timeout=120,
+    )
+    log = res.stdout + res.stderr
+    assert res.returncode != 0, log[-4000:]
+    where = rf"shard_{shard:05d}' is corrupt: mean\.npy row {row} \(dataset image {image}\) holds non-finite values"
+    # rank 1 raised its own error (the traceback names its class by module), rank 0 one that names rank 1's
+    assert re.search(rf"examples\.imagenet_dit\.latent_data\.LatentDataError: latent shard .*{where}", log), log
+    other = r"RuntimeError: rank 0 stops because another rank failed: rank 1 failed reading its batch of step 3"
+    assert re.search(rf"{other}: LatentDataError: latent shard .*{where}", log), log[-4000:]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000002.pt"  # written before
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -203,13 +204,13 @@ def test_improved_meanflow_options_reach_the_objective(tmp_path):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(method="fm", tangent="model"), "tangent='model' needs a JVP objective"),
-        (dict(method="splitmeanflow", tangent="model"), "tangent='model' needs a JVP objective"),
+        (dict(method="fm", tangent="model"), r"tangent='model' has no effect with --method fm: .*JVP objective"),
+        (dict(method="splitmeanflow", tangent="model"), "tangent='model' has no effect .*JVP objective"),
         (dict(method="meanflow", tangent="teacher"), "tangent must be"),
-        (dict(method="alphaflow", aux_weight=1.0), "aux_weight > 0 needs method"),
-        (dict(method="meanflow", aux_weight=-1.0), "aux_weight must be >= 0"),
+        (dict(method="alphaflow", aux_weight=1.0), "aux_weight=1.0 has no effect .* needs --method kim or meanflow"),
+        (dict(method="meanflow", aux_weight=-1.0), "aux_weight must be a number >= 0"),
         (dict(method="meanflow", equal_draw="fresh"), "equal_draw must be"),
-        (dict(method="fm", equal_draw="single"), "equal_draw='single' needs a method with r = t rows"),
+        (dict(method="fm", equal_draw="single"), r"equal_draw='single' has no effect .*\(r = t rows\)"),
     ],
 )
 def test_jvp_option_errors_name_the_option(kwargs, match):
@@ -304,7 +305,7 @@ def test_network_variants_are_differentiable_in_time(arch, act):
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(coupling="sinkhorn"), "coupling must be"),
-    (dict(ot_block=0), "ot_block must be >= 1"),
+    (dict(ot_block=0), "ot_block must be an integer >= 1"),
     (dict(act="tanh"), "act must be one of"),
     (dict(arch="unet"), "arch must be one of"),
 ])
@@ -385,3 +386,269 @@ def test_ot_pair_errors_name_the_argument():
         ot_pair(x, torch.randn(8, 2), block=4, labels=torch.zeros(7, dtype=torch.long))
     images = torch.randn(6, 1, 2, 2)  # any data shape: rows are flattened for the cost
     assert ot_pair(images, torch.randn(6, 1, 2, 2), block=6).shape == (6, 1, 2, 2)
+
+
+# --- command line: ranges, choices, options without effect, config conflicts --------------------------------------
+
+SMALL_ARGV = ["--batch", "64", "--width", "32", "--depth", "2", "--emb-dim", "8", "--eval-points", "256",
+              "--energy-points", "128", "--eval-steps", "1", "2", "--log-every", "1", "--no-progress", "--no-figures"]
+
+
+def _usage_error(argv, capsys) -> str:
+    from examples.toy2d.train import config_from_argv
+
+    with pytest.raises(SystemExit) as exc:
+        config_from_argv(argv)
+    assert exc.value.code == 2  # argparse's usage error, not a traceback
+    err = capsys.readouterr().err
+    assert err.startswith("usage: ")
+    return err
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--lr-final", "-1"], "argument --lr-final: must be a number in [0, 1], got -1"),
+    (["--width", "0"], "argument --width: must be an integer >= 1, got 0"),
+    (["--grad-clip", "-1"], "argument --grad-clip: must be a number >= 0, got -1"),
+    (["--alpha-end", "2", "--method", "alphaflow"], "argument --alpha-end: must be a number in [0, 1], got 2"),
+    (["--energy-points", "1"], "argument --energy-points: must be an integer >= 2, got 1"),
+    (["--lr", "nan"], "argument --lr: must be a number > 0, got nan"),
+    (["--time-mean", "inf", "--time-dist", "logit_normal"], "argument --time-mean: must be a finite number"),
+    (["--steps", "1.5"], "argument --steps: must be an integer >= 1, got '1.5'"),
+    (["--seed", "-1"], "argument --seed: must be an integer in [0, 4294967295]"),
+    (["--ema", "1"], "argument --ema: must be a number in [0, 1), got 1"),
+    (["--beta2", "1"], "argument --beta2: must be a number in [0, 1)"),
+    (["--emb-dim", "7"], "argument --emb-dim: must be an even integer >= 2, got 7"),
+    (["--max-freq", "0.5"], "argument --max-freq: must be a number >= 1"),
+    (["--eval-steps", "1", "0"], "argument --eval-steps: must be an integer >= 1, got 0"),
+    (["--guidance-interval", "0", "2", "--dataset", "mixture"], "argument --guidance-interval: must be a number in"),
+    (["--kappa", "1", "--dataset", "mixture"], "argument --kappa: must be a number < 1"),
+    (["--eta", "0.5", "--method", "alphaflow"], "argument --eta: must be a number in [0, 0.5)"),
+    (["--checkpoint-every", "-1"], "argument --checkpoint-every: must be an integer >= 0"),
+    (["--lr-schedule", "step"], "argument --lr-schedule: invalid choice: 'step'"),
+    (["--jvp", "forward"], "argument --jvp: invalid choice: 'forward'"),
+    (["--time-dist", "beta"], "argument --time-dist: invalid choice"),
+    (["--reduction", "max"], "argument --reduction: invalid choice"),
+])
+def test_cli_values_out_of_range_are_usage_errors_naming_the_option(argv, expected, capsys):
+    assert expected in _usage_error(argv, capsys)
+
+
+@pytest.mark.parametrize("argv,flag,needs", [
+    (["--method", "fm", "--jvp", "joint"], "--jvp", "a JVP objective"),
+    (["--method", "splitmeanflow", "--jvp", "nograd"], "--jvp", "a JVP objective"),  # the default, given explicitly
+    (["--method", "fm", "--tangent", "conditional"], "--tangent", "a JVP objective"),
+    (["--method", "alphaflow", "--aux-weight", "0"], "--aux-weight", "--method kim or meanflow"),
+    (["--method", "fm", "--equal-fraction", "0.5"], "--equal-fraction", "r = t rows"),
+    (["--method", "fm", "--equal-draw", "pair"], "--equal-draw", "r = t rows"),
+    (["--method", "meanflow", "--alpha-end", "0.5"], "--alpha-end", "--method alphaflow"),
+    (["--method", "kim", "--eta", "0.01"], "--eta", "--method alphaflow"),
+    (["--method", "meanflow", "--kim-k", "2"], "--kim-k", "--method kim"),
+    (["--omega", "2"], "--omega", "class-conditional run"),
+    (["--dataset", "mixture", "--no-conditional", "--drop-prob", "0.2"], "--drop-prob", "class-conditional run"),
+    (["--ot-block", "16"], "--ot-block", "--coupling ot"),
+    (["--conflict-batch", "64"], "--conflict-batch", "--conflict-every > 0"),
+    (["--time-std", "2"], "--time-std", "--time-dist logit_normal"),
+    (["--lr-schedule", "constant", "--lr-final", "0.1"], "--lr-final", "--lr-schedule cosine or linear"),
+    (["--weight-c", "0.01"], "--weight-c", "--weight-p > 0"),
+    (["--no-checkpoint", "--checkpoint-every", "10"], "--checkpoint-every", "--checkpoint"),
+])
+def test_cli_options_without_effect_are_usage_errors(argv, flag, needs, capsys):
+    err = _usage_error(argv, capsys)
+    assert f"argument {flag}: has no effect with" in err and needs in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["--method", "fm", "--jvp", "joint", "--conflict-every", "2"],  # the conflict probe is a JVP objective
+    ["--method", "fm", "--equal-fraction", "0.5", "--conflict-every", "2"],
+    ["--method", "meanflow", "--jvp", "finite_difference", "--tangent", "model", "--aux-weight", "0.5",
+     "--equal-draw", "single"],
+    ["--method", "alphaflow", "--alpha-start", "0.1", "--alpha-end", "0.25", "--eta", "0.01", "--alpha-gamma", "10"],
+    ["--method", "kim", "--kim-k", "2", "--min-snr-gamma", "3"],
+    ["--dataset", "mixture", "--omega", "2", "--kappa", "0.5", "--drop-prob", "0.2", "--guidance-interval", "0", "1"],
+    ["--conditional", "--omega", "1.5"],
+    ["--coupling", "ot", "--ot-block", "16"],
+    ["--time-dist", "logit_normal", "--time-mean", "0", "--time-std", "2"],
+    ["--weight-p", "1", "--weight-c", "0.01"],
+    ["--lr-schedule", "linear", "--lr-final", "0.1", "--warmup", "10"],
+])
+def test_cli_accepts_options_where_they_have_an_effect(argv):
+    from examples.toy2d.train import config_from_argv
+
+    cfg, resume = config_from_argv(argv)
+    assert not resume and cfg.out == f"runs/toy2d/{cfg.method}_{cfg.dataset}_s0"
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--method", "alphaflow", "--alpha-start", "0.6", "--alpha-end", "0.5"],
+     "argument --alpha-start/--alpha-end: need alpha_start <= alpha_end"),
+    (["--dataset", "mixture", "--guidance-interval", "0.5", "0.2"], "argument --guidance-interval: guidance_interval"),
+    (["--eval-steps", "1", "1"], "argument --eval-steps: eval_steps must not repeat"),
+])
+def test_cli_conflicting_options_are_usage_errors(argv, expected, capsys):
+    assert expected in _usage_error(argv, capsys)
+
+
+def test_cli_objective_errors_are_usage_errors(monkeypatch, capsys):
+    def refuse(cfg):
+        raise ValueError("the objective refuses these options")
+
+    monkeypatch.setitem(registry.METHODS, "meanflow", replace(registry.METHODS["meanflow"], build=refuse))
+    assert "error: the objective refuses these options" in _usage_error(["--method", "meanflow"], capsys)
+
+
+def test_every_cli_option_has_help_and_a_range_or_choices(capsys):
+    import argparse
+
+    from examples.cli import Range
+    from examples.toy2d.train import RANGES, _parser
+
+    parser = _parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, action.option_strings
+        takes_value = not isinstance(action, argparse.BooleanOptionalAction | argparse._StoreTrueAction)
+        if takes_value and action.dest != "out":
+            assert action.choices or isinstance(action.type, Range), action.option_strings
+    numeric = {f.name for f in dataclasses.fields(TrainConfig) if str(f.type).split("[")[0].split(" ")[0]
+               in ("int", "float", "tuple")}
+    assert numeric == set(RANGES)
+    text = " ".join(parser.format_help().split())  # unwrapped
+    assert "(default: None)" not in text  # a None default is explained by the help text itself
+    assert text.count("(default: 4000)") == 1 and "(default: the method's, 0.5)" in text
+
+
+def test_config_range_errors_name_the_field():
+    from examples.cli import ConfigError
+
+    for kwargs, match in [(dict(lr_final=-1.0), r"lr_final must be a number in \[0, 1\], got -1.0"),
+                          (dict(width=0), "width must be an integer >= 1"),
+                          (dict(alpha_end=2.0), "alpha_end must be"), (dict(energy_points=1), "energy_points must"),
+                          (dict(lr=math.nan), "lr must be a number > 0, got nan"),
+                          (dict(steps=2.5), "steps must be an integer"),
+                          (dict(eval_steps=(1, 0)), "every entry of eval_steps must be an integer >= 1")]:
+        with pytest.raises(ConfigError, match=match) as exc:
+            TrainConfig(**kwargs)
+        assert exc.value.options == tuple(kwargs)
+
+
+def test_range_type():
+    import argparse
+
+    from examples.cli import Range
+
+    unit = Range(float, 0, 1, hi_open=True)
+    assert unit("0.5") == 0.5 and unit.describe() == "a number in [0, 1)"
+    for bad in ("1", "-0.1", "nan", "inf", "x"):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"must be a number in \[0, 1\)"):
+            unit(bad)
+    assert not Range(int, 1).contains(True) and not Range(int, 1).contains(1.0) and Range(int, 1).contains(3)
+    assert Range(int, 0, multiple_of=4).describe() == "a multiple of 4 >= 0"
+    assert not Range(int, multiple_of=4).contains(6)
+
+
+# --- resume ----------------------------------------------------------------------------------------------------------
+
+class _Stop(Exception):
+    """Stands for an interrupted run."""
+
+
+def _interrupt_at(monkeypatch, stop_step: int) -> None:
+    """Make every objective built from now on raise _Stop when called for step ``stop_step``."""
+    import examples.toy2d.train as toy_train
+
+    build = toy_train.build_objective
+
+    def spy(cfg):
+        obj = build(cfg)
+
+        def call(model, x, step, **kw):
+            if step == stop_step:
+                raise _Stop
+            return obj(model, x, step=step, **kw)
+        return call
+
+    monkeypatch.setattr(toy_train, "build_objective", spy)
+
+
+def _same_run(a_dir, b_dir, a, b) -> None:
+    sa, sb = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (a_dir, b_dir))
+    for key in ("model", "ema"):
+        assert (sa[key] is None) == (sb[key] is None)
+        for name in sa[key] or {}:
+            assert torch.equal(sa[key][name], sb[key][name]), (key, name)
+    for key in ("optimizer", "scheduler", "ema_n_averaged", "step"):
+        assert json.dumps(sa["train"][key], default=str) == json.dumps(sb["train"][key], default=str), key
+    assert json.dumps(a["history"]) == json.dumps(b["history"])  # NaN-safe comparison
+    assert a["metrics"] == b["metrics"] and a.get("conflict") == b.get("conflict")
+
+
+@pytest.mark.parametrize("method,extra", [
+    # EMA, warm-up and cosine decay, conditional data with label dropout, OT pairs, the conflict probe's generator
+    ("meanflow", dict(ema=0.9, warmup=2, dataset="mixture", coupling="ot", ot_block=32, conflict_every=2,
+                      conflict_batch=32)),
+    ("alphaflow", dict(alpha_end=0.5, lr_schedule="linear", lr_final=0.1)),  # alpha depends on the step
+])
+def test_resume_continues_exactly_like_the_uninterrupted_run(tmp_path, monkeypatch, method, extra):
+    opts = {**TINY, "steps": 6, "checkpoint_every": 3, "figures": False, **extra}
+    straight = train(TrainConfig(method=method, out=str(tmp_path / "a"), **opts))
+    cfg = TrainConfig(method=method, out=str(tmp_path / "b"), **opts)
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 4)  # dies during step 4; the last checkpoint is the one after step 3 (3 steps done)
+        with pytest.raises(_Stop):
+            train(cfg)
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["train"]["step"] == 3
+    resumed = train(cfg, resume=True)
+    assert resumed["resumed_at"] == [3] and "resumed_at" not in straight
+    _same_run(tmp_path / "a", tmp_path / "b", straight, resumed)
+    again = train(cfg, resume=True)  # a finished run: nothing left to train, evaluated again
+    assert again["resumed_at"] == [3, 6] and again["metrics"] == straight["metrics"]
+
+
+def test_resume_refuses_other_training_options_and_missing_state(tmp_path):
+    from examples.toy2d.train import ResumeError
+
+    cfg = TrainConfig(method="meanflow", out=str(tmp_path), figures=False, **TINY)
+    with pytest.raises(ResumeError, match="no checkpoint to resume"):
+        train(cfg, resume=True)
+    train(cfg)
+    with pytest.raises(ResumeError, match=r"--lr 0.002 there, 0.001 here"):
+        train(replace(cfg, lr=1e-3), resume=True)
+    assert train(replace(cfg, eval_points=300, threads=2), resume=True)["resumed_at"] == [TINY["steps"]]
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    del state["train"]  # a checkpoint written before resuming existed
+    torch.save(state, tmp_path / "checkpoint.pt")
+    with pytest.raises(ResumeError, match="no training state"):
+        train(cfg, resume=True)
+
+
+def test_cli_resume_takes_the_checkpoint_options(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    argv = [*SMALL_ARGV, "--steps", "6", "--checkpoint-every", "2", "--method", "alphaflow", "--alpha-end", "0.5",
+            "--out", str(out)]
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 5)
+        with pytest.raises(_Stop):
+            main(argv)
+    # only --out (and an evaluation option): every training option comes from the checkpoint
+    rec = main(["--resume", "--out", str(out), "--eval-points", "300"])
+    assert rec["resumed_at"] == [4] and rec["config"]["method"] == "alphaflow" and rec["config"]["steps"] == 6
+    assert "resumed at step 4" in capsys.readouterr().out
+    straight = main([*argv[:-1], str(tmp_path / "straight"), "--eval-points", "300"])
+    _same_run(tmp_path / "straight", out, straight, rec)
+    err = _usage_error(["--resume", "--out", str(out), "--lr", "0.01"], capsys)
+    assert "argument --resume:" in err and "--lr 0.002 there, 0.01 here" in err
+    err = _usage_error(["--resume", "--out", str(out), "--method", "meanflow"], capsys)
+    assert "--method 'alphaflow' there, 'meanflow' here" in err
+    err = _usage_error(["--resume", "--out", str(tmp_path / "nothing")], capsys)
+    assert "argument --resume: no checkpoint to resume" in err
+
+
+def test_reuse_skips_a_checkpoint_of_an_interrupted_rerun(tmp_path, monkeypatch):
+    cfg = TrainConfig(method="meanflow", out=str(tmp_path), figures=False, checkpoint_every=2, **TINY)
+    train(cfg)
+    with monkeypatch.context() as m:  # a second run into the same folder dies after its first checkpoint
+        _interrupt_at(m, 2)
+        with pytest.raises(_Stop):
+            train(cfg)
+    assert not train(cfg, reuse=True).get("reevaluated")  # metrics.json is the old run's, the checkpoint is not

@@ -54,3 +54,19 @@ def test_study_compares_ot_rows_with_the_fm_run_of_their_own_coupling(tmp_path):
     assert rows["MeanFlow"]["ratio_same"] == rows["MeanFlow"]["ratio"]
     table = (tmp_path / "toy2d_study.md").read_text()
     assert "1-step / FM-3 same coupling" in table and "FM (OT) baseline (3 Euler steps)" in table
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
+    (["--jobs", "0"], "argument --jobs: must be an integer >= 1, got 0"),
+    (["--seeds", "0", "-1"], "argument --seeds: must be an integer in [0, 4294967295]"),
+    (["--eval-points", "1"], "argument --eval-points: must be an integer >= 2"),
+    (["--dataset", "circles"], "argument --dataset: invalid choice"),
+    (["--methods", "nope"], "argument --methods: ['nope'] matches none of"),
+])
+def test_study_cli_errors_are_usage_errors(argv, expected, capsys):
+    from examples.toy2d.study import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and expected in capsys.readouterr().err

@@ -1,0 +1,121 @@
+r"""Forward-mode AD made safe on the operators that break under it, for the duration of a JVP only.
+
+PyTorch's forward-mode AD (``torch.autograd.forward_ad``, ``torch.func.jvp``) fails, or silently loses the
+tangent, on several operators that ordinary networks use. The JVP engine enters :func:`forward_ad_context`
+around every forward-mode pass; inside it, the calls of ANY user network are routed, with no change to its code:
+
+* ``F.scaled_dot_product_attention``: the fused kernels (flash, flash-for-CPU, memory-efficient, cuDNN) have no
+  forward-AD formula. SDPA is switched to the math backend (a global switch, so it also reaches the attention
+  that PyTorch's own ``F.multi_head_attention_forward`` calls).
+* ``F.group_norm``: its forward-AD formula views its input, which fails with "view size is not compatible with
+  input tensor's size and stride" on the non-contiguous tensors attention blocks leave behind (diffusers'
+  ``UNet2DModel``). The input is made contiguous first (a no-op on contiguous tensors).
+* ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` fast paths (``_native_multi_head_attention``,
+  ``_transformer_encoder_layer_fwd``) have no forward-AD formula: the fast path is switched off.
+* ``torch.compile``-d modules drop or refuse the tangent (compiled graphs hold ``out=`` kernels): compiled
+  code runs eagerly inside the context (``torch.compiler.set_stance("force_eager")``), so a compiled model, or a
+  model with compiled blocks, gets the exact du/dt of the eager network.
+
+The routing is a :class:`torch.overrides.TorchFunctionMode` holding a table from function to handler
+(:data:`ROUTES`), so a new fragile operator is one entry. Outside the context nothing changes: the gradient
+forward keeps the fused attention kernels and the compiled graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["ROUTES", "ForwardADRoutes", "eager_module", "forward_ad_context"]
+
+Handler = Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
+
+
+def _math_sdpa() -> contextlib.AbstractContextManager[Any]:
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def _route_group_norm(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if args:
+        args = (args[0].contiguous(), *args[1:])
+    else:
+        kwargs = {**kwargs, "input": kwargs["input"].contiguous()}
+    return func(*args, **kwargs)
+
+
+#: Function -> handler ``(func, args, kwargs) -> output`` applied inside :func:`forward_ad_context`.
+#: A routed call's own inner torch calls are not seen by the mode (PyTorch pops a mode while it handles a call), so
+#: switches that must reach nested calls (the SDPA backend, the MHA fast path, the compile stance) are global.
+ROUTES: dict[Callable[..., Any], Handler] = {
+    F.group_norm: _route_group_norm,
+}
+
+
+class ForwardADRoutes(TorchFunctionMode):
+    """A ``TorchFunctionMode`` that sends the calls listed in :data:`ROUTES` to their handlers."""
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        """Route ``func`` if it has a handler, else call it unchanged."""
+        kwargs = kwargs or {}
+        handler = ROUTES.get(func)
+        if handler is not None:
+            return handler(func, args, kwargs)
+        return func(*args, **kwargs)
+
+
+_SET_STANCE = getattr(getattr(torch, "compiler", None), "set_stance", None)
+
+
+def _eager_stance() -> contextlib.AbstractContextManager[Any]:
+    if _SET_STANCE is None:  # pragma: no cover - torch < 2.6: see eager_module
+        return contextlib.nullcontext()
+    return _SET_STANCE("force_eager")
+
+
+def eager_module(model: Any) -> Any:
+    """The module to run forward AD on: ``model``, or its eager module on a torch without ``set_stance``.
+
+    On torch < 2.6 (no ``torch.compiler.set_stance``) a top-level ``torch.compile`` wrapper is unwrapped; compiled
+    submodules cannot be reached there, and the runtime checks report what they break.
+    """
+    if _SET_STANCE is None:  # pragma: no cover - torch < 2.6
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, torch.nn.Module):
+            return inner
+    return model
+
+
+@contextlib.contextmanager
+def _no_mha_fastpath() -> Iterator[None]:
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):  # pragma: no cover - old torch
+        yield
+        return
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
+
+
+@contextlib.contextmanager
+def forward_ad_context() -> Iterator[None]:
+    """Everything a forward-mode pass through an arbitrary network needs (see the module docstring)."""
+    with _eager_stance(), _no_mha_fastpath(), _math_sdpa(), ForwardADRoutes():
+        yield
