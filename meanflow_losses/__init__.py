@@ -4,12 +4,13 @@ Convention: t = 0 is data, t = 1 is noise, r <= t, z_r = z_t - (t - r) u.
 Model protocol: ``model(z, r, t, **model_kwargs) -> u`` shaped like ``z``.
 """
 
-from meanflow_losses import adapters, diagnostics, ema, forward_ad, model_checks, presets, schedules
+from meanflow_losses import adapters, diagnostics, ema, forward_ad, jvp_attention, model_checks, presets, schedules
 from meanflow_losses._validate import value_checks
 from meanflow_losses.conditioning import Conditioning, shared
 from meanflow_losses.conventions import conditional_velocity, interpolate
 from meanflow_losses.guidance import TrainingGuidance, null_class
 from meanflow_losses.jvp import JVP_STRATEGIES, MissingTangentError, time_derivative
+from meanflow_losses.jvp_attention import JVP_ATTENTION
 from meanflow_losses.model_checks import MeanFlowWarning, check_model
 from meanflow_losses.objectives import (
     AlphaFlowLoss,
@@ -29,6 +30,7 @@ from meanflow_losses.weighting import AdaptiveWeight, MinSNRWeight, ProgressiveI
 __version__ = "0.1.0"
 
 __all__ = [
+    "JVP_ATTENTION",
     "JVP_STRATEGIES",
     "OBJECTIVES",
     "AdaptiveWeight",
@@ -57,6 +59,7 @@ __all__ = [
     "ema",
     "forward_ad",
     "interpolate",
+    "jvp_attention",
     "make_grid",
     "make_objective",
     "model_checks",

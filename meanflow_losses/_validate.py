@@ -35,8 +35,9 @@ def value_checks(enabled: bool) -> Iterator[None]:
     """Switch the value checks (finite values, times in ``[0, 1]``, ``r <= t``) on or off in a block.
 
     Each value check reads a result back to the host, which costs a device synchronisation per loss call on a
-    GPU. Shape, dtype and option checks always run. Turn value checks off only in a training loop whose
-    inputs were validated once::
+    GPU. Shape, dtype and option checks always run. Inside ``torch.compile``-d code value checks are always off
+    (a host read would break the graph). Turn value checks off only in a training loop whose inputs were
+    validated once::
 
         with mfl.value_checks(False):
             out = loss_fn(model, x)
@@ -48,8 +49,14 @@ def value_checks(enabled: bool) -> Iterator[None]:
         _VALUE_CHECKS.pop()
 
 
+def compiling() -> bool:
+    """Whether the code is being traced by ``torch.compile`` (value checks, probes and host syncs are skipped)."""
+    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(fn()) if fn is not None else False
+
+
 def _values_on() -> bool:
-    return _VALUE_CHECKS[-1]
+    return _VALUE_CHECKS[-1] and not compiling()
 
 
 def check_real(

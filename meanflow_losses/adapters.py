@@ -89,10 +89,8 @@ class _SharedNamesAdapter(nn.Module):
         _check_net(net, who)
         _check_convention(time_convention)
         if isinstance(net, nn.Module):
-            self._parameters = net._parameters
-            self._buffers = net._buffers
-            self._modules = net._modules
-            self._non_persistent_buffers_set = net._non_persistent_buffers_set
+            for shared_state in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
+                self.__dict__[shared_state] = getattr(net, shared_state)
             self.training = net.training
         self.__dict__["net"] = net  # not registered as a child: its contents already are the adapter's
         self.time_convention = time_convention
@@ -103,6 +101,12 @@ class _SharedNamesAdapter(nn.Module):
         if isinstance(self.net, nn.Module):
             self.net.train(mode)
         return self
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
+        """The network's own ``state_dict`` (its hooks included), under its own names."""
+        if isinstance(self.net, nn.Module):
+            return self.net.state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         if isinstance(self.net, nn.Module):
@@ -120,7 +124,8 @@ class _SharedNamesAdapter(nn.Module):
         """Load a state dict of the bare network (also one saved by an adapter of version 0.1, ``net.*`` keys)."""
         own = set(self.state_dict().keys())
         given = set(state_dict.keys())
-        if given != own and given and all(k.startswith("net.") for k in given) and {k[4:] for k in given} == own:
+        stripped = {k[4:] for k in given}
+        if given and not (given & own) and all(k.startswith("net.") for k in given) and stripped <= own:
             warnings.warn(
                 "loading a state dict with 'net.'-prefixed keys (saved by meanflow_losses 0.1 adapters); adapters "
                 "now use the bare network's names: re-save it",
@@ -128,6 +133,8 @@ class _SharedNamesAdapter(nn.Module):
                 stacklevel=2,
             )
             state_dict = {k[4:]: v for k, v in state_dict.items()}
+        if isinstance(self.net, nn.Module):  # the network's own loading, its hooks included
+            return self.net.load_state_dict(state_dict, strict=strict, assign=assign)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def extra_repr(self) -> str:
@@ -218,10 +225,10 @@ def _unwrap(model: Any) -> Any:
     return model
 
 
-#: Names that mark a parameter as a time: a network whose second positional parameter has one takes (z, t, ...).
-TIME_NAMES: frozenset[str] = frozenset(
-    {"t", "time", "times", "timestep", "timesteps", "sigma", "sigmas", "noise_level", "noise_levels", "tau"}
-)
+#: Names that mark a parameter as a time: a network whose second positional parameter has one, or contains one of
+#: :data:`TIME_PARTS`, takes (z, t, ...) (EDM's ``noise_labels``, k-diffusion's ``sigma``, DDPM's ``timesteps``).
+TIME_NAMES: frozenset[str] = frozenset({"t", "ts", "tau", "c_noise", "temb", "t_emb"})
+TIME_PARTS: tuple[str, ...] = ("time", "sigma", "noise")
 _SIGNATURE_VERDICTS: weakref.WeakKeyDictionary[type, str | None] = weakref.WeakKeyDictionary()
 
 
@@ -256,7 +263,8 @@ def _signature_problem(model: Any) -> str | None:
     names = [p.name for p in positional]
     if len(positional) < 3:
         return f"its signature ({', '.join(names)}) takes fewer than the three positional inputs (z, r, t)"
-    if names[1].lower() in TIME_NAMES:
+    second = names[1].lower()
+    if second in TIME_NAMES or any(part in second for part in TIME_PARTS):
         return (
             f"its second positional parameter is named {names[1]!r}, so it looks like a network of "
             f"({', '.join(names[:3])}, ...) where the package passes (z, r, t)"

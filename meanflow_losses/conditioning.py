@@ -6,7 +6,7 @@ of ``model_kwargs`` hold one row per sample. That is decided once, when the batc
 
 * a tensor whose first dimension equals ``B`` is per-row (it is sliced, repeated and mixed with the rows);
 * anything else (scalars, tensors of another first dimension, strings, ``None``) is shared and passed unchanged;
-* nested dicts (e.g. diffusers' ``added_cond_kwargs``) are searched entry by entry;
+* nested dicts (e.g. diffusers' ``added_cond_kwargs``), lists and tuples are searched entry by entry;
 * a tensor whose first dimension happens to equal ``B`` but is shared by every row is marked with
   :func:`shared`; the network then receives the tensor itself.
 
@@ -52,52 +52,68 @@ def _is_row_tensor(value: Any, rows: int) -> bool:
     return isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == rows
 
 
-def _find_rows(kwargs: Mapping[str, Any], rows: int, prefix: Path = ()) -> set[Path]:
+def _items(container: Any) -> list[tuple[Any, Any]]:
+    """``(key, value)`` pairs of a dict, or ``(index, value)`` of a list or tuple; ``[]`` for anything else."""
+    if isinstance(container, Mapping):
+        return list(container.items())
+    if isinstance(container, (list, tuple)):
+        return list(enumerate(container))
+    return []
+
+
+def _rebuild(container: Any, items: list[tuple[Any, Any]]) -> Any:
+    if isinstance(container, Mapping):
+        return dict(items)
+    return type(container)(v for _, v in items) if isinstance(container, tuple) else [v for _, v in items]
+
+
+def _find_rows(kwargs: Any, rows: int, prefix: Path = ()) -> set[Path]:
     out: set[Path] = set()
-    for key, value in kwargs.items():
+    for key, value in _items(kwargs):
         path = (*prefix, key)
-        if isinstance(value, Mapping):
+        if isinstance(value, (Mapping, list, tuple)):
             out |= _find_rows(value, rows, path)
         elif _is_row_tensor(value, rows):
             out.add(path)
     return out
 
 
-def _get(kwargs: Mapping[str, Any], path: Path) -> Any:
+def _get(kwargs: Any, path: Path) -> Any:
     value: Any = kwargs
     for key in path:
         value = value[key]
     return value
 
 
-def _map_rows(kwargs: Mapping[str, Any], paths: frozenset[Path], fn: Any, prefix: Path = ()) -> dict[str, Any]:
-    """Copy of ``kwargs`` with ``fn(path, value)`` applied to the per-row entries."""
-    out: dict[str, Any] = {}
-    for key, value in kwargs.items():
+def _map_rows(kwargs: Any, paths: frozenset[Path], fn: Any, prefix: Path = ()) -> Any:
+    """Copy of ``kwargs`` (dicts, lists and tuples inside) with ``fn(path, value)`` applied to the per-row entries."""
+    items = []
+    for key, value in _items(kwargs):
         path = (*prefix, key)
         if path in paths:
-            out[key] = fn(path, value)
-        elif isinstance(value, Mapping) and any(p[: len(path)] == path for p in paths):
-            out[key] = _map_rows(value, paths, fn, path)
+            items.append((key, fn(path, value)))
+        elif isinstance(value, (Mapping, list, tuple)) and any(p[: len(path)] == path for p in paths):
+            items.append((key, _map_rows(value, paths, fn, path)))
         else:
-            out[key] = value
-    return out
+            items.append((key, value))
+    return _rebuild(kwargs, items)
 
 
-def _unwrap(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in kwargs.items():
+def _unwrap(kwargs: Any) -> Any:
+    items = []
+    for key, value in _items(kwargs):
         if isinstance(value, Shared):
-            out[key] = value.value
-        elif isinstance(value, Mapping):
-            out[key] = _unwrap(value)
-        else:
-            out[key] = value
-    return out
+            value = value.value
+        elif isinstance(value, (Mapping, list, tuple)):
+            value = _unwrap(value)
+        items.append((key, value))
+    return _rebuild(kwargs, items)
 
 
-def _has_shared(kwargs: Mapping[str, Any]) -> bool:
-    return any(isinstance(v, Shared) or (isinstance(v, Mapping) and _has_shared(v)) for v in kwargs.values())
+def _has_shared(kwargs: Any) -> bool:
+    return any(
+        isinstance(v, Shared) or (isinstance(v, (Mapping, list, tuple)) and _has_shared(v)) for _, v in _items(kwargs)
+    )
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -115,6 +131,8 @@ def _same(a: Any, b: Any) -> bool:
         )
     if isinstance(a, Mapping) and isinstance(b, Mapping):
         return set(a) == set(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     try:
         return bool(a == b)
     except Exception:
@@ -156,7 +174,7 @@ class Conditioning(Mapping[str, Any]):
         value = self.kwargs[key]
         if isinstance(value, Shared):
             return value.value
-        return _unwrap(value) if isinstance(value, Mapping) and _has_shared(value) else value
+        return _unwrap(value) if isinstance(value, (Mapping, list, tuple)) and _has_shared(value) else value
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.kwargs)
@@ -226,12 +244,16 @@ class Conditioning(Mapping[str, Any]):
 
 
 def _check_same_structure(
-    old: Mapping[str, Any], new: Mapping[str, Any], per_row: frozenset[Path], rows: int, who: str, prefix: Path = ()
+    old: Any, new: Any, per_row: frozenset[Path], rows: int, who: str, prefix: Path = ()
 ) -> None:
-    if set(old) != set(new):
-        where = "model_kwargs" + "".join(f"[{k!r}]" for k in prefix)
-        raise ValueError(f"{who} must return the same keys as {where}, got {sorted(new)} vs {sorted(old)}")
-    for key, value in old.items():
+    where = "model_kwargs" + "".join(f"[{k!r}]" for k in prefix)
+    if isinstance(old, Mapping):
+        if not isinstance(new, Mapping) or set(old) != set(new):
+            got = sorted(new) if isinstance(new, Mapping) else type(new).__name__
+            raise ValueError(f"{who} must return the same keys as {where}, got {got} vs {sorted(old)}")
+    elif not isinstance(new, (list, tuple)) or len(new) != len(old):
+        raise ValueError(f"{who} must keep {where} a sequence of length {len(old)}, got {type(new).__name__}")
+    for key, value in _items(old):
         path = (*prefix, key)
         name = "model_kwargs" + "".join(f"[{k!r}]" for k in path)
         nv = new[key]
@@ -241,9 +263,7 @@ def _check_same_structure(
                 raise ValueError(
                     f"{who} must keep the shape of the per-row entry {name} {tuple(value.shape)}, got {got}"
                 )
-        elif isinstance(value, Mapping) and any(p[: len(path)] == path for p in per_row):
-            if not isinstance(nv, Mapping):
-                raise ValueError(f"{who} must keep {name} a dict, got {type(nv).__name__}")
+        elif isinstance(value, (Mapping, list, tuple)) and any(p[: len(path)] == path for p in per_row):
             _check_same_structure(value, nv, per_row, rows, who, path)
         elif not _same(value, nv):
             raise ValueError(

@@ -5,8 +5,10 @@ tangent, on several operators that ordinary networks use. The JVP engine enters 
 around every forward-mode pass; inside it, the calls of ANY user network are routed, with no change to its code:
 
 * ``F.scaled_dot_product_attention``: the fused kernels (flash, flash-for-CPU, memory-efficient, cuDNN) have no
-  forward-AD formula. SDPA is switched to the math backend (a global switch, so it also reaches the attention
-  that PyTorch's own ``F.multi_head_attention_forward`` calls).
+  forward-AD formula. A network's own SDPA calls are routed to a JVP-capable implementation selected by name
+  (:mod:`meanflow_losses.jvp_attention`: the blockwise JVP by default, the optional flash kernel on CUDA, or the
+  math backend); SDPA is also switched to the math backend globally, which reaches the attention that
+  PyTorch's own ``F.multi_head_attention_forward`` calls.
 * ``F.group_norm``: its forward-AD formula views its input, which fails with "view size is not compatible with
   input tensor's size and stride" on the non-contiguous tensors attention blocks leave behind (diffusers'
   ``UNet2DModel``). The input is made contiguous first (a no-op on contiguous tensors).
@@ -24,12 +26,17 @@ forward keeps the fused attention kernels and the compiled graph.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+
+from meanflow_losses._validate import compiling as _compiling
+from meanflow_losses.jvp_attention import DEFAULT_BLOCK, check_attention, sdpa_with_jvp
+from meanflow_losses.traced_jvp import TRACED_ROUTES
 
 __all__ = ["ROUTES", "ForwardADRoutes", "eager_module", "forward_ad_context"]
 
@@ -61,7 +68,25 @@ ROUTES: dict[Callable[..., Any], Handler] = {
 
 
 class ForwardADRoutes(TorchFunctionMode):
-    """A ``TorchFunctionMode`` that sends the calls listed in :data:`ROUTES` to their handlers."""
+    """A ``TorchFunctionMode`` that sends the calls listed in :data:`ROUTES` (and SDPA) to their handlers.
+
+    Args:
+        attention: How SDPA calls are differentiated (:data:`meanflow_losses.jvp_attention.JVP_ATTENTION`).
+        block: Query rows per block of the blockwise attention JVP.
+        traced: The JVP is traced by ``torch.compile``: use :data:`meanflow_losses.traced_jvp.TRACED_ROUTES`.
+    """
+
+    def __init__(self, attention: str = "auto", block: int = DEFAULT_BLOCK, traced: bool = False) -> None:
+        super().__init__()
+        check_attention(attention)
+        if traced:
+            self.routes = dict(TRACED_ROUTES)
+            return
+        self.routes = dict(ROUTES)
+        if attention != "math":
+            self.routes[F.scaled_dot_product_attention] = functools.partial(
+                sdpa_with_jvp, attention=attention, block=block
+            )
 
     def __torch_function__(
         self,
@@ -72,7 +97,7 @@ class ForwardADRoutes(TorchFunctionMode):
     ) -> Any:
         """Route ``func`` if it has a handler, else call it unchanged."""
         kwargs = kwargs or {}
-        handler = ROUTES.get(func)
+        handler = self.routes.get(func)
         if handler is not None:
             return handler(func, args, kwargs)
         return func(*args, **kwargs)
@@ -115,7 +140,20 @@ def _no_mha_fastpath() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def forward_ad_context() -> Iterator[None]:
-    """Everything a forward-mode pass through an arbitrary network needs (see the module docstring)."""
-    with _eager_stance(), _no_mha_fastpath(), _math_sdpa(), ForwardADRoutes():
+def forward_ad_context(attention: str = "auto", block: int = DEFAULT_BLOCK) -> Iterator[None]:
+    """Everything a forward-mode pass through an arbitrary network needs (see the module docstring).
+
+    Inside ``torch.compile``-d code only the routes of :mod:`meanflow_losses.traced_jvp` apply (explicit forward-mode
+    rules that the compiler can trace); the global switches are not needed there.
+
+    Args:
+        attention: How the network's SDPA calls are differentiated: ``"auto"``, ``"blockwise"``, ``"flash"`` or
+            ``"math"`` (:mod:`meanflow_losses.jvp_attention`).
+        block: Query rows per block of the blockwise attention JVP.
+    """
+    if _compiling():
+        with ForwardADRoutes(attention, block, traced=True):
+            yield
+        return
+    with _eager_stance(), _no_mha_fastpath(), _math_sdpa(), ForwardADRoutes(attention, block):
         yield

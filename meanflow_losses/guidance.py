@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from meanflow_losses._validate import check_bool, check_int, check_real
+from meanflow_losses._validate import check_bool, check_int, check_real, compiling
 from meanflow_losses.conditioning import Conditioning
 from meanflow_losses.passes import no_grad_call
 
@@ -176,7 +176,7 @@ def apply_guidance(
             got = f"{drop_mask.dtype} {tuple(drop_mask.shape)}" if isinstance(drop_mask, Tensor) else type(drop_mask)
             raise ValueError(f"drop_mask must be a bool tensor of shape ({batch},), got {got}")
         drop_mask = drop_mask.to(z_t.device)
-        if (guidance is None or guidance.null_condition is None) and bool(drop_mask.any()):
+        if (guidance is None or guidance.null_condition is None) and not compiling() and bool(drop_mask.any()):
             why = "guidance is None" if guidance is None else "guidance has no null_condition"
             raise ValueError(f"drop_mask drops rows but {why}: there is no null condition to drop them to")
     if guidance is None:
@@ -193,14 +193,15 @@ def apply_guidance(
     null: Conditioning | None = None
     if guidance.null_condition is not None:
         null = cond.replace(guidance.null_condition(dict(cond.kwargs)), "guidance.null_condition")
-        if bool(drop_mask.any()):
+        if compiling() or bool(drop_mask.any()):
             kwargs = cond.where(drop_mask, null)
 
     guided = in_iv if guidance.guide_dropped_rows else in_iv & ~drop_mask
     v_tilde = v.detach()
     w_c, w_u = guidance.kappa, guidance.uncond_weight
-    if bool(guided.any()) and (w_c != 0 or w_u != 0 or guidance.omega != 1):
-        idx = guided.nonzero().squeeze(1)
+    if (w_c != 0 or w_u != 0 or guidance.omega != 1) and (compiling() or bool(guided.any())):
+        # eager: the guided rows only; traced by torch.compile: every row (a static shape), unguided ones kept below
+        idx = torch.arange(batch, device=z_t.device) if compiling() else guided.nonzero().squeeze(1)
         n = idx.numel()
         z_g, t_g = z_t.detach().index_select(0, idx), t.index_select(0, idx)
         # the conditional term uses each row's own condition (the null one on dropped rows when they are guided)
@@ -221,5 +222,7 @@ def apply_guidance(
             new = new + w_c * u_c.to(v.dtype)
         if u_u is not None:
             new = new + w_u * u_u.to(v.dtype)
+        if compiling():
+            new = torch.where(guided.reshape(-1, *([1] * (new.ndim - 1))), new, v.detach())
         v_tilde = v_tilde.index_copy(0, idx, new)
     return GuidanceResult(v_tilde, kwargs, drop_mask, guided)

@@ -37,9 +37,11 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
+from meanflow_losses._validate import _values_on, compiling
 from meanflow_losses.conditioning import Conditioning
 from meanflow_losses.conventions import append_dims
 from meanflow_losses.forward_ad import eager_module, forward_ad_context
+from meanflow_losses.jvp_attention import JVPAttention
 from meanflow_losses.passes import call, preserve_buffers, same_randomness
 
 __all__ = [
@@ -85,21 +87,23 @@ def check_strategy(strategy: Any) -> str:
 
 
 @contextlib.contextmanager
-def jvp_context(device_type: str, *, fp32: bool = True, math_attention: bool = True) -> Iterator[bool]:
+def jvp_context(
+    device_type: str, *, fp32: bool = True, math_attention: bool = True, attention: str = "auto"
+) -> Iterator[bool]:
     """Autocast disabled when ``fp32`` and, when ``math_attention``, the forward-AD-safe operator routing.
 
     Args:
         device_type: ``"cpu"`` or ``"cuda"``: which autocast to disable.
         fp32: Disable autocast inside the block.
-        math_attention: Enter :func:`~meanflow_losses.forward_ad.forward_ad_context` (math SDPA backend and the
-            other routes).
+        math_attention: Enter :func:`~meanflow_losses.forward_ad.forward_ad_context` (the operator routes).
+        attention: How SDPA calls are differentiated (:mod:`meanflow_losses.jvp_attention`).
 
     Yields:
         Whether autocast was switched off.
     """
     with contextlib.ExitStack() as stack:
         if math_attention:
-            stack.enter_context(forward_ad_context())
+            stack.enter_context(forward_ad_context(attention))
         cast = False
         if fp32 and torch.is_autocast_enabled(device_type):
             cast = True
@@ -142,6 +146,11 @@ def _has_half_weights(model: Any) -> bool:
     return any(p.dtype in _HALF for p in model.parameters()) or any(b.dtype in _HALF for b in model.buffers())
 
 
+def half_plain_function(model: Any, z: Tensor) -> bool:
+    """Whether a JVP with ``fp32=True`` still runs in half precision: half inputs, no autocast, not a Module."""
+    return z.dtype in _HALF and not isinstance(model, nn.Module) and not torch.is_autocast_enabled(z.device.type)
+
+
 def float32_view(model: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """``model`` evaluated with float32 copies of its half-precision parameters and buffers (differentiable)."""
     if not isinstance(model, nn.Module):
@@ -169,6 +178,7 @@ def time_derivative(
     fp32: bool = True,
     math_attention: bool = True,
     fd_eps: float | None = None,
+    attention: JVPAttention = "auto",
 ) -> JVPResult:
     r"""Total derivative :math:`du/dt = \partial_z u\,\dot z + \partial_t u` along ``(tangent, 0, 1)``.
 
@@ -184,9 +194,12 @@ def time_derivative(
         fp32: Run the JVP in float32: under autocast, autocast is disabled and half-precision inputs are cast; an
             ``nn.Module`` with half-precision weights (``.half()`` / ``.bfloat16()``) is evaluated with float32
             copies of them (and float32 inputs). A plain function with half inputs runs in their dtype.
-        math_attention: Make forward AD safe on the fragile operators (math SDPA backend and the other routes of
+        math_attention: Make forward AD safe on the fragile operators (the routes of
             :mod:`meanflow_losses.forward_ad`); only for the AD strategies.
         fd_eps: Finite-difference step (default :func:`default_fd_eps` of the compute dtype).
+        attention: How the network's SDPA calls are differentiated by the AD strategies: ``"auto"`` (the
+            flash kernel on CUDA when installed, else blockwise), ``"blockwise"``, ``"flash"`` or ``"math"``
+            (:mod:`meanflow_losses.jvp_attention`).
 
     Returns:
         :class:`JVPResult`.
@@ -195,12 +208,24 @@ def time_derivative(
         MissingTangentError: forward AD lost the tangent although the output depends on ``z`` or ``t``.
     """
     check_strategy(strategy)
+    if strategy != "finite_difference" and not compiling() and torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "time_derivative was called under torch.inference_mode(), where forward-mode AD produces no tangents: "
+            "call the loss outside inference_mode (torch.no_grad is fine), or use jvp='finite_difference'"
+        )
     cond = model_kwargs
     if not isinstance(cond, Conditioning):
         cond = Conditioning.from_kwargs(model_kwargs, z.shape[0])
+    compiled = compiled_module(model)
+    if compiled is not None and strategy != "finite_difference" and not compiling():
+        # a torch.compile-d network: its JVP runs compiled too (traced with torch.func.jvp), not eagerly
+        res = _compiled_time_derivative()(
+            compiled, z, r, t, tangent, cond, strategy="nograd", fp32=fp32, attention=attention, fd_eps=fd_eps
+        )
+        return JVPResult(dudt=res.dudt, u=None)
     z_in, tan_in, r_in, t_in = z.detach(), tangent.detach(), r.detach(), t.detach()
     use_routes = math_attention and strategy != "finite_difference"
-    with jvp_context(z.device.type, fp32=fp32, math_attention=use_routes) as autocast_off:
+    with jvp_context(z.device.type, fp32=fp32, math_attention=use_routes, attention=attention) as autocast_off:
         half_weights = fp32 and _has_half_weights(model)
         if autocast_off or half_weights:
             z_in, tan_in, r_in, t_in = (a.float() if a.dtype in _HALF else a for a in (z_in, tan_in, r_in, t_in))
@@ -215,6 +240,10 @@ def time_derivative(
                 dudt = _difference_quotient(fn, z_in, r_in, t_in, tan_in, cond, eps, who="target_model")
             return JVPResult(dudt=dudt, u=None)
         who = "target_model" if strategy == "nograd" else "model"
+        if compiling():  # traced: torch.func.jvp under no_grad (a "joint" primal is recomputed by the objective)
+            with torch.no_grad(), preserve_buffers(model):
+                u, dudt = _traced_dual_call(fn, z_in, r_in, t_in, tan_in, cond, who)
+            return JVPResult(dudt=dudt.detach(), u=None if strategy == "joint" else u.detach())
         if strategy == "nograd":
             with torch.no_grad(), preserve_buffers(model):
                 u, dudt = _dual_call(fn, z_in, r_in, t_in, tan_in, cond, who)
@@ -237,16 +266,45 @@ def _difference_quotient(
     """Two passes at the :func:`finite_difference_points`, with the same random draws; shape of ``z``."""
     hi, lo = finite_difference_points(r, t, eps)
     width = hi - lo
-    if bool((width <= 0).any()):
+    if _values_on() and bool((width <= 0).any()):
         i = int((width <= 0).nonzero()[0])
         raise ValueError(
             f"finite_difference needs r < t or t < 1 on every row (row {i}: r = t = {float(t[i])}): the domain "
             "[r, 1] of the time derivative is a single point there"
         )
-    with same_randomness(z.device):
+    with same_randomness(z.device), preserve_buffers(model):  # the second half sees the first's RNG and buffers
         u_hi = call(model, z + append_dims(hi - t, z).to(z.dtype) * tangent, r, hi, cond, who=who)
     u_lo = call(model, z + append_dims(lo - t, z).to(z.dtype) * tangent, r, lo, cond, who=who)
     return (u_hi - u_lo) / append_dims(width, u_hi).to(u_hi.dtype)
+
+
+def compiled_module(model: Any) -> nn.Module | None:
+    """The eager module inside a ``torch.compile`` wrapper (``torch.compile(net)``), else ``None``."""
+    inner = getattr(model, "_orig_mod", None) if type(model).__name__ == "OptimizedModule" else None
+    return inner if isinstance(inner, nn.Module) else None
+
+
+_COMPILED: list[Callable[..., JVPResult]] = []
+
+
+def _compiled_time_derivative() -> Callable[..., JVPResult]:
+    """:func:`time_derivative` under ``torch.compile`` (built once; the compiler guards on the module).
+
+    Static shapes (``dynamic=False``): forward-mode rules of custom functions fail on symbolic shapes in torch 2.13,
+    and the number of ``r != t`` rows is fixed per batch size, so a new shape is a new, cached compilation.
+    """
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(time_derivative, dynamic=False))
+    return _COMPILED[0]
+
+
+def _traced_dual_call(
+    model: Callable[..., Tensor], z: Tensor, r: Tensor, t: Tensor, tangent: Tensor, cond: Conditioning, who: str
+) -> tuple[Tensor, Tensor]:
+    """The JVP as ``torch.func.jvp``, which ``torch.compile`` traces (``torch.autograd.forward_ad`` it does not)."""
+    return torch.func.jvp(
+        lambda z_, t_: call(model, z_, r, t_, cond, who=who), (z, t), (tangent, torch.ones_like(t))
+    )
 
 
 def _dual_call(

@@ -16,6 +16,7 @@ once per step (in the gradient forward), exactly as in plain training.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -23,10 +24,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from meanflow_losses._validate import check_model_output
+from meanflow_losses._validate import check_model_output, compiling
 from meanflow_losses.conditioning import Conditioning
 
-__all__ = ["batch_stat_layers", "call", "no_grad_call", "preserve_buffers", "same_randomness"]
+__all__ = ["batch_stat_layers", "call", "modules_of", "no_grad_call", "preserve_buffers", "reseed", "same_randomness"]
 
 _BINDING_ERROR = re.compile(
     r"got multiple values for argument|missing \d+ required (positional|keyword-only) argument|"
@@ -46,7 +47,7 @@ def _kwargs(cond: Conditioning | Mapping[str, Any] | None) -> dict[str, Any]:
         return {}
     if isinstance(cond, Conditioning):
         return cond.call_kwargs()
-    return dict(cond)
+    return Conditioning(dict(cond), 0, frozenset()).call_kwargs()  # a plain dict: Shared markers removed
 
 
 def call(
@@ -88,8 +89,38 @@ def call(
     return check_model_output(out, z, who=who)
 
 
-def _module_of(model: Any) -> nn.Module | None:
-    return model if isinstance(model, nn.Module) else None
+def modules_of(model: Any, _depth: int = 0) -> list[nn.Module]:
+    """The ``nn.Module`` s a callable runs: itself, or those behind a lambda, closure, bound method or partial.
+
+    A network wrapped as ``lambda z, r, t: net(z, r, t)`` still has its buffers protected and its BatchNorm layers
+    seen. Looks through closure cells, the modules a function names as globals, ``__self__``, ``__wrapped__`` and
+    ``functools.partial`` (func, arguments).
+    """
+    if isinstance(model, nn.Module):
+        return [model]
+    if _depth > 4 or model is None:
+        return []
+    found: list[nn.Module] = []
+    candidates: list[Any] = []
+    if isinstance(model, functools.partial):
+        candidates += [model.func, *model.args, *model.keywords.values()]
+    for attr in ("__self__", "__wrapped__"):
+        if hasattr(model, attr):
+            candidates.append(getattr(model, attr))
+    for cell in getattr(model, "__closure__", None) or ():
+        try:
+            candidates.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            continue
+    code, namespace = getattr(model, "__code__", None), getattr(model, "__globals__", None)
+    if code is not None and isinstance(namespace, dict):  # lambda z, r, t: net(z, r, t) with a global net
+        candidates += [namespace[n] for n in code.co_names if isinstance(namespace.get(n), nn.Module)]
+    for cand in candidates:
+        if callable(cand) or isinstance(cand, nn.Module):
+            for m in modules_of(cand, _depth + 1):
+                if all(m is not f for f in found):
+                    found.append(m)
+    return found
 
 
 @contextlib.contextmanager
@@ -98,19 +129,21 @@ def preserve_buffers(model: Any) -> Iterator[None]:
 
     Buffers are copied on entry and copied back on exit (also a buffer the block re-assigned). The version counter
     cannot tell: BatchNorm's kernels update running statistics in place without bumping it. The copies cost a
-    memcpy of the buffers per pass and no host sync. A ``model`` that is not an ``nn.Module`` (a plain function)
-    has no buffers to protect.
+    memcpy of the buffers per pass and no host sync. The modules are found with :func:`modules_of`, so a network
+    behind a lambda or a partial is protected too.
     """
-    module = _module_of(model)
-    if module is None:
+    modules = modules_of(model)
+    if not modules:
         yield
         return
-    saved = [
-        (owner, name, buf, buf.detach().clone())
-        for owner in module.modules()
-        for name, buf in owner._buffers.items()
-        if buf is not None and not buf.is_inference()
-    ]
+    seen: set[int] = set()
+    saved = []
+    for module in modules:
+        for owner in module.modules():
+            for name, buf in owner._buffers.items():
+                if buf is not None and not buf.is_inference() and id(buf) not in seen:
+                    seen.add(id(buf))
+                    saved.append((owner, name, buf, buf.detach().clone()))
     try:
         yield
     finally:
@@ -142,12 +175,27 @@ def same_randomness(device: torch.device) -> Iterator[None]:
     Two passes separated by this rewind draw the same dropout masks and the same in-network label drops, as long
     as their inputs have the same shape: the finite-difference halves and the probes use it.
     """
+    if compiling():  # random state cannot be read inside a compiled graph (documented: FD halves draw apart)
+        yield
+        return
     devices = [device] if device.type not in ("cpu", "meta") else []
     kwargs: dict[str, Any] = {"devices": devices}
     if devices:
         kwargs["device_type"] = device.type
     with torch.random.fork_rng(**kwargs):
         yield
+
+
+def reseed(device: torch.device, seed: int) -> None:
+    """Seed the CPU generator and ``device``'s only (``torch.manual_seed`` would reseed every accelerator)."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+    elif device.type not in ("cpu", "meta"):
+        backend = getattr(torch, device.type, None)
+        if backend is not None and hasattr(backend, "manual_seed"):
+            backend.manual_seed(seed)
 
 
 def batch_stat_layers(model: Any) -> list[str]:
@@ -157,11 +205,9 @@ def batch_stat_layers(model: Any) -> list[str]:
     output for one row depends on the other rows of the same call, so a pass on a sub-batch computes another
     function than the gradient forward.
     """
-    module = _module_of(model)
-    if module is None:
-        return []
     return [
         name or type(m).__name__
+        for module in modules_of(model)
         for name, m in module.named_modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats)
     ]

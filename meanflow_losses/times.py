@@ -91,10 +91,14 @@ class TimePair:
     Attributes:
         t: Start times (closer to noise), shape ``(B,)``.
         r: End times, ``r <= t``, shape ``(B,)``.
+        interval_rows: Indices of the rows drawn with ``r < t``, ascending, shape ``(n,)``, when the sampler fixes
+            their number (the objectives then select them without a data-dependent ``nonzero``: no host sync, and
+            a static shape under ``torch.compile``); ``None`` otherwise.
     """
 
     t: Tensor
     r: Tensor
+    interval_rows: Tensor | None = None
 
 
 def resolve_fraction(fraction: FractionLike, step: int | None, name: str = "equal_fraction") -> float:
@@ -102,7 +106,10 @@ def resolve_fraction(fraction: FractionLike, step: int | None, name: str = "equa
     if callable(fraction):
         if step is None:
             raise ValueError(f"{name} is a schedule (step -> fraction): call the loss with step=<training step>")
-        return check_real(f"{name} (the schedule's value at step {step})", fraction(int(step)), lo=0.0, hi=1.0)
+        try:
+            return check_real(name, fraction(int(step)), lo=0.0, hi=1.0)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{err} (the schedule's value at step {step})") from None
     return check_real(name, fraction, lo=0.0, hi=1.0)
 
 
@@ -132,13 +139,7 @@ class TimePairSampler:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "base", TimeSampler(self.name, self.mean, self.std))
-        if isinstance(self.equal_fraction, (str, bool)) or not (
-            callable(self.equal_fraction) or isinstance(self.equal_fraction, (int, float))
-        ):
-            raise TypeError(
-                "equal_fraction must be a number in [0, 1] or a schedule step -> fraction, got "
-                f"{type(self.equal_fraction).__name__} {self.equal_fraction!r}"
-            )
+
         if self.equal_draw not in ("pair", "single"):
             raise ValueError(f"equal_draw must be 'pair' or 'single', got {self.equal_draw!r}")
         if not callable(self.equal_fraction):
@@ -168,13 +169,15 @@ class TimePairSampler:
         a = a.view(2, batch_size)
         t, r = a.max(dim=0).values, a.min(dim=0).values
         n_eq = self.num_equal(batch_size, step)
+        interval = torch.arange(batch_size, device=t.device)
         if n_eq > 0:
             dev = generator.device if generator is not None else device
             perm = torch.randperm(batch_size, generator=generator, device=dev).to(t.device)
             eq = perm[:n_eq]
+            interval = perm[n_eq:].sort().values
             r = r.clone()
             if self.equal_draw == "single":
                 t = t.clone()
                 t[eq] = _draw(self.name, self.mean, self.std, n_eq, generator, device, torch.float64).to(t.device)
             r[eq] = t[eq]
-        return TimePair(t=t.to(dtype), r=r.to(dtype))
+        return TimePair(t=t.to(dtype), r=r.to(dtype), interval_rows=interval)

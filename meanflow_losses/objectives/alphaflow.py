@@ -24,7 +24,6 @@ Thresholds :math:`\eta`: :math:`\alpha < \eta` runs the MeanFlow JVP loss (deleg
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -36,6 +35,7 @@ from meanflow_losses._validate import check_bool, check_real
 from meanflow_losses.conventions import append_dims
 from meanflow_losses.guidance import TrainingGuidance
 from meanflow_losses.jvp import JVPStrategy, check_strategy
+from meanflow_losses.jvp_attention import JVPAttention
 from meanflow_losses.model_checks import RuntimeChecks
 from meanflow_losses.objectives.base import (
     LossOutput,
@@ -84,11 +84,10 @@ def resolve_alpha(alpha: AlphaLike, step: int | None, eta: float) -> tuple[float
         where = f" (the schedule's value at step {step})"
     else:
         value, where = alpha, ""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise TypeError(f"alpha must be a finite real number in [0, 1]{where}, got {type(value).__name__} {value!r}")
-    raw = float(value)
-    if not 0.0 <= raw <= 1.0:
-        raise ValueError(f"alpha must lie in [0, 1]{where}, got {raw}")
+    try:
+        raw = check_real("alpha", value, lo=0.0, hi=1.0)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{err}{where}") from None
     eff = raw
     if eta > 0:
         if raw < eta:
@@ -116,6 +115,7 @@ class AlphaFlowLoss:
         alpha_scale: Factor on ``r != t`` rows: ``"alpha"`` (official code), ``"inverse"`` (the paper's
             :math:`\alpha^{-1} L`) or ``"one"``.
         jvp: JVP strategy of the MeanFlow regime (``"nograd"``, ``"joint"``, ``"finite_difference"``).
+        jvp_attention: How SDPA calls are differentiated in that JVP (see :class:`MeanFlowLoss`).
         jvp_fp32: Run the JVP in float32 (MeanFlow regime).
         fd_eps: Finite-difference step (MeanFlow regime).
         tangent: JVP tangent of the MeanFlow regime, ``"conditional"`` or ``"model"`` (iMF).
@@ -137,6 +137,7 @@ class AlphaFlowLoss:
     guidance: TrainingGuidance | None = None
     alpha_scale: Literal["alpha", "inverse", "one"] = "alpha"
     jvp: JVPStrategy = "nograd"
+    jvp_attention: JVPAttention = "auto"
     jvp_fp32: bool = True
     fd_eps: float | None = None
     tangent: Literal["conditional", "model"] = "conditional"
@@ -177,6 +178,7 @@ class AlphaFlowLoss:
             reduction=self.reduction,
             guidance=self.guidance,
             jvp=self.jvp,
+            jvp_attention=self.jvp_attention,
             jvp_fp32=self.jvp_fp32,
             fd_eps=self.fd_eps,
             tangent=self.tangent,
@@ -290,6 +292,7 @@ class AlphaFlowLoss:
             drop_mask=drop_mask,
             generator=generator,
             step=step,
+            checks=self._checks if self.runtime_checks else None,
         )
         b, tm, v_t, kw, neq, idx = gb.b, gb.target_model, gb.v_tilde, gb.model_kwargs, gb.neq, gb.idx
         n_j = idx.numel()

@@ -6,7 +6,6 @@ the optional ``torch.Generator``. Everything is validated here, once, with error
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -120,6 +119,8 @@ class Batch:
         z: ``z_t = (1 - t) x + t e``, ``(B, *D)``.
         v: Target velocity ``e - x`` or the given ``v_target``, ``(B, *D)``.
         model_kwargs: Conditioning, per-row entries decided once against ``B``.
+        interval_rows: The rows drawn with ``r < t`` when the sampler fixed them (``(n,)``, ascending), else
+            ``None`` (the rows are then found with ``r != t``).
     """
 
     x: Tensor
@@ -129,6 +130,7 @@ class Batch:
     z: Tensor
     v: Tensor
     model_kwargs: Conditioning
+    interval_rows: Tensor | None = None
 
 
 def prepare_batch(
@@ -145,6 +147,7 @@ def prepare_batch(
     step: int | None = None,
     pairs: bool = True,
     require_r: bool = False,
+    interval_rows: Tensor | None = None,
 ) -> Batch:
     """Validate inputs, draw what was not given, and build ``z_t`` and ``v``.
 
@@ -163,6 +166,7 @@ def prepare_batch(
         step: Training step, for scheduled fractions.
         pairs: Whether the objective uses ``(t, r)`` pairs.
         require_r: Refuse ``t`` without ``r`` (objectives with interval rows).
+        interval_rows: The ``r < t`` rows of ``(t, r)`` drawn by a sampler (see :class:`TimePair`).
     """
     check_protocol(model)
     x = check_batch("x", x)
@@ -175,7 +179,7 @@ def prepare_batch(
     if t is None:
         if isinstance(times, TimePairSampler) and pairs:
             pair = times.sample(batch, step=step, generator=generator, device=x.device, dtype=tdtype)
-            t, r = pair.t, pair.r
+            t, r, interval_rows = pair.t, pair.r, pair.interval_rows
         else:
             base = times.base if isinstance(times, TimePairSampler) else times
             t = base.sample(batch, generator=generator, device=x.device, dtype=tdtype)
@@ -201,7 +205,8 @@ def prepare_batch(
         v = conditional_velocity(x, noise)
     else:
         v = check_same_shape("v_target", v_target, "x", x).detach()
-    return Batch(x=x, noise=noise, t=t, r=r, z=z, v=v, model_kwargs=Conditioning.from_kwargs(kw, batch))
+    cond = Conditioning.from_kwargs(kw, batch)
+    return Batch(x=x, noise=noise, t=t, r=r, z=z, v=v, model_kwargs=cond, interval_rows=interval_rows)
 
 
 @dataclass
@@ -214,8 +219,9 @@ class GuidedBatch:
         v_tilde: Guided target velocity ``(B, *D)`` (``b.v`` without guidance).
         model_kwargs: Conditioning after condition dropout (per-row entries decided against ``B``).
         guidance: The :class:`~meanflow_losses.guidance.GuidanceResult` (masks for logging).
-        neq: Rows with ``r != t``, bool ``(B,)``.
-        idx: Their indices, ``(n,)``; computed on first use (a device sync), so flow matching never pays for it.
+        neq: The interval rows, bool ``(B,)``: those the sampler drew with ``r < t``, or ``r != t``.
+        idx: Their indices, ``(n,)``: the sampler's (no host sync, a static shape under ``torch.compile``) or
+            computed on first use with ``nonzero`` (a device sync), so flow matching never pays for it.
     """
 
     b: Batch
@@ -224,11 +230,14 @@ class GuidedBatch:
     model_kwargs: Conditioning
     guidance: GuidanceResult
     neq: Tensor
+    _idx: Tensor | None = field(default=None, repr=False)
 
-    @functools.cached_property
+    @property
     def idx(self) -> Tensor:
-        """Indices of the ``r != t`` rows, ``(n,)``."""
-        return rows(self.neq)
+        """Indices of the interval rows, ``(n,)``, ascending (computed once, without a lock: compile traces it)."""
+        if self._idx is None:
+            self._idx = self.b.interval_rows if self.b.interval_rows is not None else rows(self.neq)
+        return self._idx
 
 
 def start_step(
@@ -248,6 +257,9 @@ def start_step(
     generator: torch.Generator | None = None,
     step: int | None = None,
     needs_r: bool = True,
+    interval_rows: Tensor | None = None,
+    checks: Any = None,
+    strategy: str | None = None,
 ) -> GuidedBatch:
     """The shared start of a training step: validate, draw, guide, split the rows.
 
@@ -271,6 +283,9 @@ def start_step(
         step: Training step.
         needs_r: The objective trains on ``(t, r)`` pairs: ``t`` without ``r`` is an error, and a network that
             ignores ``r`` is refused when the batch has ``r != t`` rows (:func:`check_uses_r`).
+        interval_rows: The ``r < t`` rows of explicitly passed ``(t, r)`` drawn by a sampler.
+        checks: The objective's :class:`~meanflow_losses.model_checks.RuntimeChecks` (``None``: off).
+        strategy: The objective's JVP strategy (``None`` without JVP), for the first-call checks.
     """
     b = prepare_batch(
         model,
@@ -284,14 +299,21 @@ def start_step(
         generator=generator,
         step=step,
         require_r=needs_r,
+        interval_rows=interval_rows,
     )
     tm = model if target_model is None else target_model
     if target_model is not None:
         check_protocol(target_model, "target_model")
+    if checks is not None:
+        checks.setup(tm, b.x, sub_batches=needs_r or guidance is not None, strategy=strategy, objective=objective)
     g = apply_guidance(guidance, tm, b.z, b.t, b.v, b.model_kwargs, drop_mask=drop_mask, generator=generator)
-    gb = GuidedBatch(b=b, target_model=tm, v_tilde=g.v_tilde, model_kwargs=g.model_kwargs, guidance=g, neq=b.r != b.t)
+    if b.interval_rows is not None:  # the sampler's rows are THE interval rows (a float32 tie r = t keeps its role)
+        neq = torch.zeros(b.t.shape, dtype=torch.bool, device=b.t.device).index_fill(0, b.interval_rows, True)
+    else:
+        neq = b.r != b.t
+    gb = GuidedBatch(b=b, target_model=tm, v_tilde=g.v_tilde, model_kwargs=g.model_kwargs, guidance=g, neq=neq)
     if needs_r:
-        check_uses_r(model, tm, gb.idx.numel(), objective)
+        check_uses_r(model, tm, gb, objective)
     return gb
 
 
@@ -347,16 +369,16 @@ def upcast(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def check_uses_r(model: Any, target_model: Any, n_interval_rows: int, objective: str) -> None:
+def check_uses_r(model: Any, target_model: Any, gb: GuidedBatch, objective: str) -> None:
     """Refuse a network that ignores ``r`` when the batch has rows with ``r != t``.
 
     Args:
         model: The network called with gradient.
         target_model: The network of the no-grad passes.
-        n_interval_rows: Number of rows with ``r != t``.
+        gb: The step's batch (its interval rows are counted only for such a network).
         objective: Name used in the message (e.g. ``"MeanFlow"``).
     """
-    if n_interval_rows > 0 and (ignores_r(model) or ignores_r(target_model)):
+    if (ignores_r(model) or ignores_r(target_model)) and gb.idx.numel() > 0:
         raise ValueError(
             "model ignores r (a flow-matching network wrapped by from_velocity_net) but the batch has "
             f"rows with r != t: {objective} needs a network of (z, r, t); use from_interval_net or r = t"

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from meanflow_losses.guidance import TrainingGuidance
+from meanflow_losses.model_checks import RuntimeChecks
 from meanflow_losses.objectives.base import (
     LossOutput,
     base_terms,
@@ -45,12 +46,16 @@ class FlowMatchingLoss:
         weighting: Adaptive weight; ``AdaptiveWeight(p=0.0)`` is plain squared error.
         reduction: ``"sum"`` or ``"mean"`` over data dimensions.
         guidance: Optional training-time guidance and condition dropout.
+        runtime_checks: Warn at the first call about setups that change the objective (batch statistics in the
+            guidance passes).
     """
 
     times: TimeSampler | TimePairSampler = field(default_factory=lambda: TimeSampler("logit_normal", -0.4, 1.0))
     weighting: AdaptiveWeight = field(default_factory=lambda: AdaptiveWeight(p=0.0))
     reduction: str = "mean"
     guidance: TrainingGuidance | None = None
+    runtime_checks: bool = True
+    _checks: RuntimeChecks = field(default_factory=RuntimeChecks, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_reduction(self.reduction)
@@ -108,6 +113,7 @@ class FlowMatchingLoss:
             generator=generator,
             step=step,
             needs_r=False,
+            checks=self._checks if self.runtime_checks else None,
         )
         b = gb.b
         u = call(model, b.z, b.r, b.t, gb.model_kwargs)

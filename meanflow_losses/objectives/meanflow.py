@@ -40,6 +40,7 @@ from meanflow_losses._validate import check_bool, check_real
 from meanflow_losses.conventions import append_dims
 from meanflow_losses.guidance import TrainingGuidance
 from meanflow_losses.jvp import JVPStrategy, check_strategy, time_derivative
+from meanflow_losses.jvp_attention import JVPAttention, check_attention
 from meanflow_losses.model_checks import RuntimeChecks
 from meanflow_losses.objectives.base import (
     LossOutput,
@@ -105,6 +106,9 @@ class MeanFlowLoss:
         reduction: ``"sum"`` (official MeanFlow) or ``"mean"`` over data dimensions.
         guidance: Optional training-time guidance and condition dropout.
         jvp: ``"nograd"`` (default), ``"joint"`` or ``"finite_difference"``.
+        jvp_attention: How the network's SDPA calls are differentiated in the JVP: ``"auto"`` (default: the
+            ``jvp-flash-attention`` kernel on CUDA when installed, else ``"blockwise"``), ``"blockwise"`` (fused
+            forward, blockwise exact tangent, memory ``O(N x block)``), ``"flash"`` or ``"math"``.
         jvp_fp32: Run the JVP in float32 with autocast disabled.
         fd_eps: Finite-difference step (default depends on dtype).
         tangent: ``"conditional"`` (:math:`\tilde v`, MeanFlow) or ``"model"`` (:math:`v_\theta`, iMF).
@@ -123,6 +127,7 @@ class MeanFlowLoss:
     reduction: str = "sum"
     guidance: TrainingGuidance | None = None
     jvp: JVPStrategy = "nograd"
+    jvp_attention: JVPAttention = "auto"
     jvp_fp32: bool = True
     fd_eps: float | None = None
     tangent: Literal["conditional", "model"] = "conditional"
@@ -137,6 +142,7 @@ class MeanFlowLoss:
     def __post_init__(self) -> None:
         check_reduction(self.reduction)
         check_strategy(self.jvp)
+        check_attention(self.jvp_attention)
         check_times_sampler(self.times, pairs_only=True)
         check_weighting(self.weighting)
         check_guidance(self.guidance)
@@ -206,6 +212,8 @@ class MeanFlowLoss:
             drop_mask=drop_mask,
             generator=generator,
             step=step,
+            checks=self._checks if self.runtime_checks else None,
+            strategy=self.jvp,
         )
         b, tm, v_t, kw, neq, idx = gb.b, gb.target_model, gb.v_tilde, gb.model_kwargs, gb.neq, gb.idx
         batch, n_j = b.x.shape[0], idx.numel()
@@ -232,6 +240,7 @@ class MeanFlowLoss:
                 strategy=self.jvp,
                 fp32=self.jvp_fp32,
                 fd_eps=self.fd_eps,
+                attention=self.jvp_attention,
             )
             dudt = dudt.index_copy(0, idx, res.dudt.to(cdtype))
             if self.jvp == "joint":

@@ -31,9 +31,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from meanflow_losses._validate import check_batch, check_int, check_real
+from meanflow_losses._validate import _values_on, check_batch, check_int, check_real
 from meanflow_losses.conventions import append_dims
 from meanflow_losses.guidance import TrainingGuidance
+from meanflow_losses.model_checks import RuntimeChecks
 from meanflow_losses.objectives.base import (
     LossOutput,
     PerRowWeight,
@@ -115,7 +116,7 @@ class DyadicPairSampler:
         )
         t = torch.cat([t_c, t_f]).to(device=device if device is not None else dev, dtype=dtype)
         r = torch.cat([r_c, t_f]).to(device=device if device is not None else dev, dtype=dtype)
-        return TimePair(t=t, r=r)
+        return TimePair(t=t, r=r, interval_rows=torch.arange(n_c, device=t.device))
 
 
 @dataclass
@@ -136,6 +137,8 @@ class SplitMeanFlowLoss:
         target_clip: Clip the splitting targets elementwise to ``[-clip, clip]``; ``None`` disables it.
         interval_weight: Optional ``(t, r, step) -> (B,)`` multiplier on ``r != t`` rows.
         velocity_weight: Optional ``(t, r, step) -> (B,)`` multiplier on ``r = t`` rows.
+        runtime_checks: Warn at the first call about setups that change the objective (batch statistics in the
+            splitting passes).
     """
 
     times: TimePairSampler | DyadicPairSampler = field(
@@ -148,6 +151,8 @@ class SplitMeanFlowLoss:
     target_clip: float | None = None
     interval_weight: PerRowWeight | None = None
     velocity_weight: PerRowWeight | None = None
+    runtime_checks: bool = True
+    _checks: RuntimeChecks = field(default_factory=RuntimeChecks, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_reduction(self.reduction)
@@ -200,6 +205,7 @@ class SplitMeanFlowLoss:
             :class:`LossOutput`; ``terms`` hold ``loss``, ``mse``, ``weight_mean``, ``fm_mse``, ``split_mse``,
             ``frac_equal`` and ``lam_mean``; ``extras`` hold ``target`` and ``lam`` (``(B,)``, 0 on ``r = t`` rows).
         """
+        rows_drawn = None
         if t is None and r is None and isinstance(self.times, DyadicPairSampler):
             x = check_batch("x", x)
             pair = self.times.sample(
@@ -209,7 +215,7 @@ class SplitMeanFlowLoss:
                 device=x.device,
                 dtype=torch.promote_types(x.dtype, torch.float32),
             )
-            t, r = pair.t, pair.r
+            t, r, rows_drawn = pair.t, pair.r, pair.interval_rows
         gb = start_step(
             model,
             x,
@@ -225,6 +231,8 @@ class SplitMeanFlowLoss:
             drop_mask=drop_mask,
             generator=generator,
             step=step,
+            interval_rows=rows_drawn,
+            checks=self._checks if self.runtime_checks else None,
         )
         b, tm, v_t, kw, neq, idx = gb.b, gb.target_model, gb.v_tilde, gb.model_kwargs, gb.neq, gb.idx
         batch, n_j = b.x.shape[0], idx.numel()
@@ -289,7 +297,7 @@ class SplitMeanFlowLoss:
         else:
             dev = generator.device if generator is not None else t.device
             lam_j = torch.rand(n_j, generator=generator, device=dev, dtype=torch.float64).to(t.device, t.dtype)
-        if n_j > 0 and (not bool(torch.isfinite(lam_j).all()) or bool((lam_j < 0).any()) or bool((lam_j > 1).any())):
+        if n_j > 0 and _values_on() and not bool((torch.isfinite(lam_j) & (lam_j >= 0) & (lam_j <= 1)).all()):
             raise ValueError("lam must lie in [0, 1] on every row with r != t")
         return out.index_copy(0, idx, lam_j)
 

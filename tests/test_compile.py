@@ -1,0 +1,187 @@
+"""torch.compile: a compiled network and a compiled training step, with every objective and JVP strategy.
+
+* zero graph breaks inside the loss (``torch._dynamo.explain``), guidance included, on an MLP and on a DiT-like
+  network with a patch convolution, LayerNorm and SDPA attention (the operators whose forward-AD rules the
+  compiler cannot trace are routed to explicit rules, :mod:`meanflow_losses.traced_jvp`);
+* a compiled step gives the eager step's loss, gradient and du/dt;
+* no recompilation from step to step (beyond the one that makes the ``step`` integer dynamic, and one per
+  alpha-Flow regime).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._dynamo.utils import counters
+
+import meanflow_losses as mfl
+from meanflow_losses.jvp import time_derivative
+from tests.nets import MLP, time_features
+
+NULL = mfl.null_class(3)
+GUIDE = mfl.TrainingGuidance(omega=1.0, kappa=0.5, drop_prob=0.1, null_condition=NULL)
+
+
+class PatchDiT(nn.Module):
+    """A small DiT-like network: patch convolution, LayerNorm with adaLN, SDPA attention, labels."""
+
+    def __init__(self, width: int = 16, heads: int = 2, n_classes: int = 3) -> None:
+        super().__init__()
+        self.heads = heads
+        self.patch = nn.Conv2d(4, width, 2, 2)
+        self.emb_y = nn.Embedding(n_classes + 1, width)
+        self.cond = nn.Linear(16, 2 * width)
+        self.norm = nn.LayerNorm(width, elementwise_affine=False)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.out = nn.Linear(width, 16)
+
+    def forward(self, z, r, t, y):
+        b = z.shape[0]
+        c = self.cond(torch.cat([time_features(t), time_features(t - r)], 1)) + self.emb_y(y).repeat(1, 2)
+        shift, scale = c.chunk(2, dim=1)
+        h = self.patch(z).flatten(2).transpose(1, 2)  # (B, 16, width)
+        a = self.norm(h) * (1 + scale[:, None]) + shift[:, None]
+        q, k, v = self.qkv(a).view(b, 16, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        h = h + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, 16, -1))
+        return self.out(h).view(b, 4, 4, 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, 4, 8, 8)
+
+
+OBJECTIVES = {
+    "fm": lambda g: mfl.FlowMatchingLoss(guidance=g),
+    "meanflow-nograd": lambda g: mfl.MeanFlowLoss(guidance=g),
+    "meanflow-joint": lambda g: mfl.MeanFlowLoss(guidance=g, jvp="joint"),
+    "meanflow-fd": lambda g: mfl.MeanFlowLoss(guidance=g, jvp="finite_difference"),
+    "alphaflow-schedule": lambda g: mfl.AlphaFlowLoss(alpha=mfl.schedules.Sigmoid(0, 100), guidance=g),
+    "alphaflow-meanflow": lambda g: mfl.AlphaFlowLoss(alpha=0.0, guidance=g),
+    "splitmeanflow": lambda g: mfl.SplitMeanFlowLoss(guidance=g),
+    "shortcut": lambda g: mfl.ShortcutLoss(guidance=g),
+    "kim": lambda g: mfl.presets.accelerated_meanflow(100, guidance=g),
+}
+NETS = {"mlp": (lambda: MLP(n_classes=3), (32, 2)), "patch_dit": (PatchDiT, (8, 4, 8, 8))}
+
+
+@pytest.mark.parametrize("guided", [False, True], ids=["plain", "guided"])
+@pytest.mark.parametrize("net", sorted(NETS))
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_no_graph_break_inside_the_loss(name, net, guided):
+    make, shape = NETS[net]
+    torch.manual_seed(0)
+    model, loss = make(), OBJECTIVES[name](GUIDE if guided else None)
+    x, y = torch.randn(shape), torch.randint(0, 3, (shape[0],))
+
+    def step(x, y, k):
+        return loss(model, x, model_kwargs={"y": y}, step=k).loss
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(step)(x, y, 50)
+    assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
+def _compiled_and_eager(name, net, backend, steps=3):
+    make, shape = NETS[net]
+    torch.manual_seed(0)
+    base = make()
+    m_c, m_e = copy.deepcopy(base), copy.deepcopy(base)
+    loss_c, loss_e = OBJECTIVES[name](None), OBJECTIVES[name](None)
+
+    def step(model, loss, x, y, e, t, r, k, extra):
+        out = loss(model, x, model_kwargs={"y": y}, t=t, r=r, noise=e, step=k, **extra)
+        out.loss.backward()
+        return out.loss.detach(), out.extras.get("dudt")
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(step, backend=backend)
+    g = torch.Generator().manual_seed(0)
+    graphs = []
+    for k in range(steps):
+        x, e = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+        y = torch.randint(0, 3, (shape[0],), generator=g)
+        pair = mfl.TimePairSampler().sample(shape[0], generator=g)
+        # every draw is passed in: a compiled graph draws from its own random stream
+        extra = {"lam": torch.rand(shape[0], generator=g)} if name == "splitmeanflow" else {}
+        got = compiled(m_c, loss_c, x, y, e, pair.t, pair.r, k, extra)
+        graphs.append(counters["stats"]["unique_graphs"])
+        with mfl.value_checks(True):
+            ref = step(m_e, loss_e, x, y, e, pair.t, pair.r, k, extra)
+        grads_c = torch.cat([p.grad.flatten() for p in m_c.parameters()])
+        grads_e = torch.cat([p.grad.flatten() for p in m_e.parameters()])
+        yield got, ref, grads_c, grads_e
+        for p in [*m_c.parameters(), *m_e.parameters()]:
+            p.grad = None
+    assert graphs[-1] == graphs[1], f"recompiled after the second step: unique graphs per step {graphs}"
+
+
+@pytest.mark.parametrize("name", ["fm", "meanflow-nograd", "meanflow-joint", "meanflow-fd", "kim", "splitmeanflow"])
+@pytest.mark.parametrize("net", sorted(NETS))
+def test_compiled_step_equals_eager_and_does_not_recompile(name, net):
+    """aot_eager: the whole forward/backward is traced and partitioned; the numbers equal the eager step's."""
+    for (loss_c, dudt_c), (loss_e, dudt_e), g_c, g_e in _compiled_and_eager(name, net, "aot_eager"):
+        torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-7)
+        assert float((g_c - g_e).norm() / g_e.norm()) < 1e-5
+        if dudt_e is not None:
+            assert float((dudt_c - dudt_e).norm() / dudt_e.norm()) < 1e-5
+
+
+@pytest.mark.slow
+def test_inductor_compiled_step_matches_eager():
+    for (loss_c, dudt_c), (loss_e, dudt_e), g_c, g_e in _compiled_and_eager("meanflow-nograd", "patch_dit", "inductor"):
+        torch.testing.assert_close(loss_c, loss_e, rtol=1e-4, atol=1e-6)
+        assert float((g_c - g_e).norm() / g_e.norm()) < 1e-4
+        assert float((dudt_c - dudt_e).norm() / dudt_e.norm()) < 1e-5
+
+
+@pytest.mark.slow
+def test_compiled_network_dudt_equals_eager_through_conv_norm_and_attention():
+    """``torch.compile(net)`` in an eager loss: the engine compiles the JVP region too (no eager fallback)."""
+    torch.manual_seed(0)
+    net = PatchDiT()
+    compiled = torch.compile(copy.deepcopy(net))
+    z, tan = torch.randn(6, 4, 8, 8), torch.randn(6, 4, 8, 8)
+    t, r = torch.rand(6) * 0.8 + 0.1, torch.rand(6) * 0.1
+    y = torch.randint(0, 3, (6,))
+    ref = time_derivative(net, z, r, t, tan, {"y": y}).dudt
+    for strategy in mfl.JVP_STRATEGIES:
+        got = time_derivative(compiled, z, r, t, tan, {"y": y}, strategy=strategy).dudt
+        other = time_derivative(net, z, r, t, tan, {"y": y}, strategy=strategy).dudt
+        # the difference quotient divides the compiled forward's rounding (~1e-7) by its step 5e-3: its floor is
+        # eps_mach / eps = 2.4e-5 of |u|, so it is held to that; the AD strategies to 1e-5
+        tol = 3e-5 if strategy == "finite_difference" else 1e-5
+        assert float((got - other).norm() / other.norm()) < tol, strategy
+    assert float((got - ref).norm() / ref.norm()) < 5e-3  # finite differences against AD
+
+
+def test_traced_rules_equal_pytorchs_forward_ad():
+    """The explicit forward-mode rules used under compile equal PyTorch's own (float64), eagerly."""
+    from meanflow_losses.forward_ad import ForwardADRoutes
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 5, 5, generator=g, dtype=torch.float64)
+    dx = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    w = torch.randn(6, 6, 3, 3, generator=g, dtype=torch.float64)
+    gamma, beta = torch.randn(6, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    mean, var = torch.randn(6, generator=g, dtype=torch.float64), torch.rand(6, generator=g, dtype=torch.float64) + 0.5
+    q = torch.randn(2, 2, 7, 4, generator=g, dtype=torch.float64)
+    fns = {
+        "conv": lambda a: F.conv2d(a, w, beta, padding=1),
+        "layer_norm": lambda a: F.layer_norm(a, (5, 5)),
+        "layer_norm_affine": lambda a: F.layer_norm(a.transpose(1, 3), (6,), gamma, beta),
+        "group_norm": lambda a: F.group_norm(a, 3, gamma, beta),
+        "batch_norm_eval": lambda a: F.batch_norm(a, mean, var, gamma, beta, False),
+        "batch_norm_train": lambda a: F.batch_norm(a, None, None, gamma, beta, True),
+        "attention": lambda a: F.scaled_dot_product_attention(q * a.mean(), q, q, is_causal=True),
+    }
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for name, fn in fns.items():
+        with sdpa_kernel(SDPBackend.MATH):
+            ref = torch.func.jvp(fn, (x,), (dx,))[1]
+        with ForwardADRoutes(traced=True):
+            got = torch.func.jvp(fn, (x,), (dx,))[1]
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12, msg=name)
