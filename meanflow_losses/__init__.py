@@ -4,7 +4,17 @@ Convention: t = 0 is data, t = 1 is noise, r <= t, z_r = z_t - (t - r) u.
 Model protocol: ``model(z, r, t, **model_kwargs) -> u`` shaped like ``z``.
 """
 
-from meanflow_losses import adapters, diagnostics, ema, forward_ad, jvp_attention, model_checks, presets, schedules
+from meanflow_losses import (
+    adapters,
+    diagnostics,
+    ema,
+    forward_ad,
+    jvp_attention,
+    model_checks,
+    presets,
+    schedules,
+    teachers,
+)
 from meanflow_losses._validate import value_checks
 from meanflow_losses.conditioning import Conditioning, shared
 from meanflow_losses.conventions import conditional_velocity, interpolate
@@ -24,6 +34,7 @@ from meanflow_losses.objectives import (
 )
 from meanflow_losses.registry import OBJECTIVES, make_objective, objective_class
 from meanflow_losses.sampling import make_grid, sample
+from meanflow_losses.teachers import Teacher
 from meanflow_losses.times import TimePair, TimePairSampler, TimeSampler
 from meanflow_losses.weighting import AdaptiveWeight, MinSNRWeight, ProgressiveIntervalWeight
 
@@ -47,6 +58,7 @@ __all__ = [
     "ProgressiveIntervalWeight",
     "ShortcutLoss",
     "SplitMeanFlowLoss",
+    "Teacher",
     "TimePair",
     "TimePairSampler",
     "TimeSampler",
@@ -69,6 +81,7 @@ __all__ = [
     "sample",
     "schedules",
     "shared",
+    "teachers",
     "time_derivative",
     "value_checks",
 ]

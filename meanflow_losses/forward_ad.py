@@ -14,6 +14,9 @@ around every forward-mode pass; inside it, the calls of ANY user network are rou
   ``UNet2DModel``). The input is made contiguous first (a no-op on contiguous tensors).
 * ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` fast paths (``_native_multi_head_attention``,
   ``_transformer_encoder_layer_fwd``) have no forward-AD formula: the fast path is switched off.
+* ``F.linear`` and the convolutions: PyTorch's forward-AD rule decomposes ``addmm`` (an extra addition and a weight
+  copy per call) and the convolution; the routes' explicit rules give the same numbers faster (an MLP's JVP 1.5x,
+  a 3x3 convolution's 1.4x on the CPU): speed routes.
 * ``torch.compile``-d modules drop or refuse the tangent (compiled graphs hold ``out=`` kernels): compiled
   code runs eagerly inside the context (``torch.compiler.set_stance("force_eager")``), so a compiled model, or a
   model with compiled blocks, gets the exact du/dt of the eager network.
@@ -36,7 +39,7 @@ from torch.overrides import TorchFunctionMode
 
 from meanflow_losses._validate import compiling as _compiling
 from meanflow_losses.jvp_attention import DEFAULT_BLOCK, check_attention, sdpa_with_jvp
-from meanflow_losses.traced_jvp import TRACED_ROUTES
+from meanflow_losses.traced_jvp import CONV_ROUTES, TRACED_ROUTES
 
 __all__ = ["ROUTES", "ForwardADRoutes", "eager_module", "forward_ad_context"]
 
@@ -49,6 +52,54 @@ def _math_sdpa() -> contextlib.AbstractContextManager[Any]:
     except ImportError:  # pragma: no cover - torch < 2.3
         return contextlib.nullcontext()
     return sdpa_kernel(SDPBackend.MATH)
+
+
+class _Linear(torch.autograd.Function):
+    r"""``F.linear`` with an explicit forward-mode rule, :math:`\dot y = \dot x W^\top + x \dot W^\top + \dot b`.
+
+    PyTorch's own rule for ``addmm`` under forward AD goes through a decomposition (an extra addition and a copy of
+    the weight per call): this one is the bare matrix product, exactly the same numbers, about 1.5x faster for the
+    JVP of an MLP on the CPU. Its backward is the standard linear backward (the ``"joint"`` strategy needs it).
+    """
+
+    @staticmethod
+    def forward(x, w, b):
+        return F.linear(x, w, b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, b = inputs
+        ctx.set_materialize_grads(False)
+        ctx.save_for_forward(x, w)
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+
+    @staticmethod
+    def jvp(ctx, dx, dw, db):
+        x, w = ctx.saved_tensors
+        out = None if dx is None else F.linear(dx, w)
+        if dw is not None:
+            out = F.linear(x, dw) if out is None else out + F.linear(x, dw)
+        if db is not None:
+            out = db.expand(*x.shape[:-1], db.shape[-1]) if out is None else out + db
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        if g is None:
+            return None, None, None
+        x, w = ctx.saved_tensors
+        gx = g @ w if ctx.needs_input_grad[0] else None
+        gw = g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+        gb = g.reshape(-1, g.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
+def _route_linear(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    x = args[0] if args else kwargs["input"]
+    w = args[1] if len(args) > 1 else kwargs["weight"]
+    b = args[2] if len(args) > 2 else kwargs.get("bias")
+    return _Linear.apply(x, w, b)
 
 
 def _route_group_norm(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -64,6 +115,8 @@ def _route_group_norm(func: Callable[..., Any], args: tuple[Any, ...], kwargs: d
 #: switches that must reach nested calls (the SDPA backend, the MHA fast path, the compile stance) are global.
 ROUTES: dict[Callable[..., Any], Handler] = {
     F.group_norm: _route_group_norm,
+    F.linear: _route_linear,
+    **CONV_ROUTES,
 }
 
 

@@ -24,8 +24,9 @@ from torch import Tensor
 from meanflow_losses._validate import check_bool, check_int, check_real, compiling
 from meanflow_losses.conditioning import Conditioning
 from meanflow_losses.passes import no_grad_call
+from meanflow_losses.teachers import Teacher, teacher_velocity
 
-__all__ = ["GuidanceResult", "NullClass", "TrainingGuidance", "apply_guidance", "null_class"]
+__all__ = ["GuidanceResult", "NullClass", "TrainingGuidance", "apply_guidance", "draw_drop_mask", "null_class"]
 
 NullCondition = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -143,6 +144,42 @@ class GuidanceResult:
     guided_mask: Tensor
 
 
+def draw_drop_mask(
+    guidance: TrainingGuidance | None,
+    t: Tensor,
+    batch: int,
+    *,
+    drop_mask: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The rows whose condition is dropped: the given ``drop_mask`` (checked) or a draw with ``drop_prob``.
+
+    Args:
+        guidance: Options, or ``None`` (no row is dropped; an explicit mask must then drop nothing).
+        t: Times ``(B,)`` (``drop_only_in_interval`` drops only inside the interval).
+        batch: ``B``.
+        drop_mask: Optional explicit rows, bool ``(B,)``.
+        generator: Random generator of the draw.
+
+    Returns:
+        Bool ``(B,)``.
+    """
+    if drop_mask is not None:
+        if not isinstance(drop_mask, Tensor) or drop_mask.dtype != torch.bool or tuple(drop_mask.shape) != (batch,):
+            got = f"{drop_mask.dtype} {tuple(drop_mask.shape)}" if isinstance(drop_mask, Tensor) else type(drop_mask)
+            raise ValueError(f"drop_mask must be a bool tensor of shape ({batch},), got {got}")
+        drop_mask = drop_mask.to(t.device)
+        if (guidance is None or guidance.null_condition is None) and not compiling() and bool(drop_mask.any()):
+            why = "guidance is None" if guidance is None else "guidance has no null_condition"
+            raise ValueError(f"drop_mask drops rows but {why}: there is no null condition to drop them to")
+        return drop_mask
+    if guidance is None:
+        return torch.zeros(batch, dtype=torch.bool, device=t.device)
+    dev = generator.device if generator is not None else t.device
+    drop = (torch.rand(batch, generator=generator, device=dev) < guidance.drop_prob).to(t.device)
+    return drop & guidance.in_interval(t) if guidance.drop_only_in_interval else drop
+
+
 def apply_guidance(
     guidance: TrainingGuidance | None,
     target_model: Callable[..., Tensor],
@@ -153,6 +190,7 @@ def apply_guidance(
     *,
     drop_mask: Tensor | None = None,
     generator: torch.Generator | None = None,
+    teacher: Teacher | None = None,
 ) -> GuidanceResult:
     r"""Drop conditions and compute the guided velocity :math:`\tilde v`.
 
@@ -165,36 +203,29 @@ def apply_guidance(
         model_kwargs: Conditioning (a dict is decided against the batch size here).
         drop_mask: Optional explicit dropout rows, bool ``(B,)``; drawn with ``generator`` when omitted.
         generator: Random generator for the dropout draw.
+        teacher: Optional :class:`~meanflow_losses.teachers.Teacher`: its velocity at the post-dropout conditioning
+            replaces ``v`` (dropped rows get its velocity at the null condition) before the guided mix.
 
     Returns:
         :class:`GuidanceResult`.
     """
     batch = z_t.shape[0]
     cond = model_kwargs if isinstance(model_kwargs, Conditioning) else Conditioning.from_kwargs(model_kwargs, batch)
-    if drop_mask is not None:
-        if not isinstance(drop_mask, Tensor) or drop_mask.dtype != torch.bool or tuple(drop_mask.shape) != (batch,):
-            got = f"{drop_mask.dtype} {tuple(drop_mask.shape)}" if isinstance(drop_mask, Tensor) else type(drop_mask)
-            raise ValueError(f"drop_mask must be a bool tensor of shape ({batch},), got {got}")
-        drop_mask = drop_mask.to(z_t.device)
-        if (guidance is None or guidance.null_condition is None) and not compiling() and bool(drop_mask.any()):
-            why = "guidance is None" if guidance is None else "guidance has no null_condition"
-            raise ValueError(f"drop_mask drops rows but {why}: there is no null condition to drop them to")
+    drop_mask = draw_drop_mask(guidance, t, batch, drop_mask=drop_mask, generator=generator)
     if guidance is None:
-        none = torch.zeros(batch, dtype=torch.bool, device=z_t.device)
-        return GuidanceResult(v.detach(), cond, none, none)
+        if teacher is not None:
+            v = teacher_velocity(teacher, z_t, t, cond, v.dtype)
+        return GuidanceResult(v.detach(), cond, drop_mask, drop_mask)
 
     in_iv = guidance.in_interval(t)
-    if drop_mask is None:
-        dev = generator.device if generator is not None else z_t.device
-        drop_mask = (torch.rand(batch, generator=generator, device=dev) < guidance.drop_prob).to(z_t.device)
-        if guidance.drop_only_in_interval:
-            drop_mask = drop_mask & in_iv
     kwargs = cond
     null: Conditioning | None = None
     if guidance.null_condition is not None:
         null = cond.replace(guidance.null_condition(dict(cond.kwargs)), "guidance.null_condition")
         if compiling() or bool(drop_mask.any()):
             kwargs = cond.where(drop_mask, null)
+    if teacher is not None:
+        v = teacher_velocity(teacher, z_t, t, kwargs, v.dtype)
 
     guided = in_iv if guidance.guide_dropped_rows else in_iv & ~drop_mask
     v_tilde = v.detach()

@@ -131,10 +131,11 @@ def attention_jvp_blockwise(
         heads = q.shape[-3]
         k, v, dk, dv = (_expand_gqa(x, heads) for x in (k, v, dk, dv))
     cdtype = torch.promote_types(q.dtype, torch.float32)
-    k_t = k.to(cdtype).transpose(-2, -1)
-    dk_t = dk.to(cdtype).transpose(-2, -1) if dk is not None else None
-    v_c = v.to(cdtype)
-    dv_c = dv.to(cdtype) if dv is not None else None
+    # contiguous once: a transposed operand would be copied by every block's matmul
+    k_t = k.to(cdtype).transpose(-2, -1).contiguous()
+    dk_t = dk.to(cdtype).transpose(-2, -1).contiguous() if dk is not None else None
+    v_c = v.to(cdtype).contiguous()
+    dv_c = dv.to(cdtype).contiguous() if dv is not None else None
     pieces = []
     cols = torch.arange(S, device=q.device)
     for start in range(0, L, block):

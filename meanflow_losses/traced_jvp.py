@@ -29,7 +29,7 @@ from torch import Tensor
 
 from meanflow_losses.jvp_attention import DEFAULT_BLOCK, attention_jvp_blockwise
 
-__all__ = ["TRACED_ROUTES"]
+__all__ = ["CONV_ROUTES", "TRACED_ROUTES"]
 
 
 def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -50,8 +50,9 @@ class _Conv(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.set_materialize_grads(False)  # a missing tangent arrives as None, not as zeros to compute with
-        x, w, _b, conv, stride, padding, dilation, groups = inputs
+        x, w, b, conv, stride, padding, dilation, groups = inputs
         ctx.save_for_forward(x, w)
+        ctx.save_for_backward(x, w, b)
         ctx.opts = (conv, stride, padding, dilation, groups)
 
     @staticmethod
@@ -67,6 +68,21 @@ class _Conv(torch.autograd.Function):
             ref = out if out is not None else conv(x, w, None, stride, padding, dilation, groups)
             out = _add(out, torch.zeros_like(ref) + _bias_shape(db, ref.ndim))
         return out
+
+    @staticmethod
+    def backward(ctx, g):
+        """The convolution's gradient, by differentiating a recomputed convolution (the eager ``"joint"`` JVP)."""
+        if g is None:
+            return (None,) * 8
+        x, w, b = ctx.saved_tensors
+        conv, stride, padding, dilation, groups = ctx.opts
+        with torch.enable_grad():
+            leaves = [None if a is None else a.detach().requires_grad_(a.requires_grad) for a in (x, w, b)]
+            y = conv(leaves[0], leaves[1], leaves[2], stride, padding, dilation, groups)
+            wanted = [a for a in leaves if a is not None and a.requires_grad]
+            grads = iter(torch.autograd.grad(y, wanted, g) if wanted else ())
+        found = [next(grads) if a is not None and a.requires_grad else None for a in leaves]
+        return (*found, None, None, None, None, None)
 
 
 def _normalise_tangent(x: Tensor, dx: Tensor, dims: tuple[int, ...], eps: float) -> tuple[Tensor, Tensor]:
@@ -247,11 +263,17 @@ def _attention(func: Callable[..., Tensor], args: tuple[Any, ...], kwargs: dict[
     return _Attention.apply(q, k, v, mask, bool(is_causal), scale, bool(gqa))
 
 
-#: Function -> handler used while a JVP is traced by ``torch.compile``.
-TRACED_ROUTES: dict[Callable[..., Any], Callable[..., Any]] = {
+#: Convolutions with an explicit forward-mode rule: also a speed route of the eager JVP (PyTorch's own rule is
+#: about 1.4x slower on the CPU; the numbers are the same).
+CONV_ROUTES: dict[Callable[..., Any], Callable[..., Any]] = {
     F.conv1d: _conv(F.conv1d),
     F.conv2d: _conv(F.conv2d),
     F.conv3d: _conv(F.conv3d),
+}
+
+#: Function -> handler used while a JVP is traced by ``torch.compile``.
+TRACED_ROUTES: dict[Callable[..., Any], Callable[..., Any]] = {
+    **CONV_ROUTES,
     F.layer_norm: _layer_norm,
     F.group_norm: _group_norm,
     F.batch_norm: _batch_norm,

@@ -37,8 +37,11 @@ class LiveTensorBytes(TorchDispatchMode):
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor) or t.device.type == "meta":
                 continue
-            storage = t.untyped_storage()
-            key = storage.data_ptr()
+            try:
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+            except (RuntimeError, NotImplementedError):  # a wrapper without storage of its own
+                continue
             if key == 0:
                 continue
             if key not in self.live:

@@ -212,6 +212,7 @@ class AlphaFlowLoss:
         drop_mask: Tensor | None = None,
         generator: torch.Generator | None = None,
         step: int | None = None,
+        teacher: Any = None,
     ) -> LossOutput:
         r"""Compute the alpha-Flow loss on a batch.
 
@@ -228,6 +229,8 @@ class AlphaFlowLoss:
             drop_mask: Optional explicit condition-dropout rows, bool ``(B,)``.
             generator: Random generator for every draw.
             step: Training step; required when ``alpha`` is a schedule.
+            teacher: Optional frozen teacher (:class:`~meanflow_losses.teachers.Teacher` or a network in the protocol):
+                its (guided) velocity replaces ``e - x`` in the target and the JVP tangent.
 
         Returns:
             :class:`LossOutput`; ``terms`` hold ``loss``, ``mse``, ``weight_mean``, ``fm_mse``, ``mf_mse``
@@ -249,10 +252,11 @@ class AlphaFlowLoss:
                 drop_mask=drop_mask,
                 generator=generator,
                 step=step,
+                teacher=teacher,
             )
         else:
             out = self._consistency(
-                model, x, alpha, model_kwargs, target_model, t, r, noise, v_target, drop_mask, generator, step
+                model, x, alpha, model_kwargs, target_model, t, r, noise, v_target, drop_mask, generator, step, teacher
             )
         ref = out.loss.detach()
         out.terms["alpha"] = ref.new_tensor(alpha)
@@ -276,6 +280,7 @@ class AlphaFlowLoss:
         drop_mask: Tensor | None,
         generator: torch.Generator | None,
         step: int | None,
+        teacher: Any,
     ) -> LossOutput:
         gb = start_step(
             model,
@@ -292,6 +297,7 @@ class AlphaFlowLoss:
             drop_mask=drop_mask,
             generator=generator,
             step=step,
+            teacher=teacher,
             checks=self._checks if self.runtime_checks else None,
         )
         b, tm, v_t, kw, neq, idx = gb.b, gb.target_model, gb.v_tilde, gb.model_kwargs, gb.neq, gb.idx

@@ -25,6 +25,7 @@ from meanflow_losses.adapters import check_protocol, ignores_r
 from meanflow_losses.conditioning import Conditioning
 from meanflow_losses.conventions import conditional_velocity, interpolate
 from meanflow_losses.guidance import GuidanceResult, TrainingGuidance, apply_guidance
+from meanflow_losses.teachers import as_teacher
 from meanflow_losses.times import TimePairSampler, TimeSampler
 
 __all__ = [
@@ -60,6 +61,7 @@ COMMON_CALL_ARGS: tuple[str, ...] = (
     "drop_mask",
     "generator",
     "step",
+    "teacher",
 )
 
 
@@ -80,6 +82,7 @@ class Objective(Protocol):
         drop_mask: Tensor | None = None,
         generator: torch.Generator | None = None,
         step: int | None = None,
+        teacher: Any = None,
     ) -> LossOutput:
         """Compute the loss on a batch ``x`` of shape ``(B, *D)``."""
         ...
@@ -260,6 +263,7 @@ def start_step(
     interval_rows: Tensor | None = None,
     checks: Any = None,
     strategy: str | None = None,
+    teacher: Any = None,
 ) -> GuidedBatch:
     """The shared start of a training step: validate, draw, guide, split the rows.
 
@@ -284,6 +288,8 @@ def start_step(
         needs_r: The objective trains on ``(t, r)`` pairs: ``t`` without ``r`` is an error, and a network that
             ignores ``r`` is refused when the batch has ``r != t`` rows (:func:`check_uses_r`).
         interval_rows: The ``r < t`` rows of explicitly passed ``(t, r)`` drawn by a sampler.
+        teacher: Optional :class:`~meanflow_losses.teachers.Teacher` (or a bare network): its velocity replaces
+            ``e - x`` (see :mod:`meanflow_losses.teachers`).
         checks: The objective's :class:`~meanflow_losses.model_checks.RuntimeChecks` (``None``: off).
         strategy: The objective's JVP strategy (``None`` without JVP), for the first-call checks.
     """
@@ -306,7 +312,12 @@ def start_step(
         check_protocol(target_model, "target_model")
     if checks is not None:
         checks.setup(tm, b.x, sub_batches=needs_r or guidance is not None, strategy=strategy, objective=objective)
-    g = apply_guidance(guidance, tm, b.z, b.t, b.v, b.model_kwargs, drop_mask=drop_mask, generator=generator)
+    teacher = as_teacher(teacher)
+    if teacher is not None and v_target is not None:
+        raise ValueError("pass teacher= or v_target=, not both: each replaces the target velocity e - x")
+    g = apply_guidance(
+        guidance, tm, b.z, b.t, b.v, b.model_kwargs, drop_mask=drop_mask, generator=generator, teacher=teacher
+    )
     if b.interval_rows is not None:  # the sampler's rows are THE interval rows (a float32 tie r = t keeps its role)
         neq = torch.zeros(b.t.shape, dtype=torch.bool, device=b.t.device).index_fill(0, b.interval_rows, True)
     else:

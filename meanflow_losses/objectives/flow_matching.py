@@ -77,6 +77,7 @@ class FlowMatchingLoss:
         drop_mask: Tensor | None = None,
         generator: torch.Generator | None = None,
         step: int | None = None,
+        teacher: Any = None,
     ) -> LossOutput:
         """Compute the loss on a batch.
 
@@ -93,6 +94,8 @@ class FlowMatchingLoss:
             drop_mask: Optional explicit condition-dropout rows, bool ``(B,)``.
             generator: Random generator for every draw.
             step: Training step (for scheduled samplers).
+            teacher: Optional frozen teacher (:class:`~meanflow_losses.teachers.Teacher` or a network in the protocol):
+                its (guided) velocity replaces ``e - x`` in the target and the JVP tangent.
 
         Returns:
             :class:`LossOutput` with terms ``loss``, ``mse``, ``weight_mean``.
@@ -112,6 +115,7 @@ class FlowMatchingLoss:
             drop_mask=drop_mask,
             generator=generator,
             step=step,
+            teacher=teacher,
             needs_r=False,
             checks=self._checks if self.runtime_checks else None,
         )

@@ -177,6 +177,7 @@ class MeanFlowLoss:
         drop_mask: Tensor | None = None,
         generator: torch.Generator | None = None,
         step: int | None = None,
+        teacher: Any = None,
     ) -> LossOutput:
         """Compute the MeanFlow loss on a batch.
 
@@ -192,6 +193,8 @@ class MeanFlowLoss:
             drop_mask: Optional explicit condition-dropout rows, bool ``(B,)``.
             generator: Random generator for every draw.
             step: Training step (scheduled fractions and weights).
+            teacher: Optional frozen teacher (:class:`~meanflow_losses.teachers.Teacher` or a network in the protocol):
+                its (guided) velocity replaces ``e - x`` in the target and the JVP tangent.
 
         Returns:
             :class:`LossOutput`; ``terms`` hold ``loss``, ``mse``, ``weight_mean``, ``fm_mse`` (``r = t``
@@ -212,6 +215,7 @@ class MeanFlowLoss:
             drop_mask=drop_mask,
             generator=generator,
             step=step,
+            teacher=teacher,
             checks=self._checks if self.runtime_checks else None,
             strategy=self.jvp,
         )

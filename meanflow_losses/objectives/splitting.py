@@ -182,6 +182,7 @@ class SplitMeanFlowLoss:
         drop_mask: Tensor | None = None,
         generator: torch.Generator | None = None,
         step: int | None = None,
+        teacher: Any = None,
     ) -> LossOutput:
         r"""Compute the splitting loss on a batch.
 
@@ -200,6 +201,8 @@ class SplitMeanFlowLoss:
             drop_mask: Optional explicit condition-dropout rows, bool ``(B,)``.
             generator: Random generator for every draw.
             step: Training step (scheduled fractions and weights).
+            teacher: Optional frozen teacher (:class:`~meanflow_losses.teachers.Teacher` or a network in the protocol):
+                its (guided) velocity replaces ``e - x`` in the target and the JVP tangent.
 
         Returns:
             :class:`LossOutput`; ``terms`` hold ``loss``, ``mse``, ``weight_mean``, ``fm_mse``, ``split_mse``,
@@ -231,6 +234,7 @@ class SplitMeanFlowLoss:
             drop_mask=drop_mask,
             generator=generator,
             step=step,
+            teacher=teacher,
             interval_rows=rows_drawn,
             checks=self._checks if self.runtime_checks else None,
         )
