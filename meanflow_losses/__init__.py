@@ -6,8 +6,11 @@ Model protocol: ``model(z, r, t, **model_kwargs) -> u`` shaped like ``z``.
 
 from meanflow_losses import (
     adapters,
+    couplings,
     diagnostics,
+    diffusers,
     ema,
+    finetune,
     forward_ad,
     jvp_attention,
     model_checks,
@@ -67,8 +70,11 @@ __all__ = [
     "adapters",
     "check_model",
     "conditional_velocity",
+    "couplings",
     "diagnostics",
+    "diffusers",
     "ema",
+    "finetune",
     "forward_ad",
     "interpolate",
     "jvp_attention",

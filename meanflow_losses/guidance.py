@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -26,9 +26,23 @@ from meanflow_losses.conditioning import Conditioning
 from meanflow_losses.passes import no_grad_call
 from meanflow_losses.teachers import Teacher, teacher_velocity
 
-__all__ = ["GuidanceResult", "NullClass", "TrainingGuidance", "apply_guidance", "draw_drop_mask", "null_class"]
+__all__ = [
+    "DROP_ROWS",
+    "INTERVAL_TESTS",
+    "GuidanceResult",
+    "NullClass",
+    "TrainingGuidance",
+    "apply_guidance",
+    "draw_drop_mask",
+    "null_class",
+]
 
 NullCondition = Callable[[dict[str, Any]], dict[str, Any]]
+
+#: Which rows lose their condition (see :class:`TrainingGuidance`).
+DROP_ROWS = ("per_row", "first")
+#: How ``t`` is tested against the guidance interval.
+INTERVAL_TESTS = ("inclusive", "strict")
 
 
 @dataclass(frozen=True)
@@ -65,7 +79,7 @@ class TrainingGuidance:
     Args:
         omega: Weight of the conditional velocity ``v`` (or ``v_target``).
         kappa: Weight of the network's conditional velocity.
-        interval: ``(t_min, t_max)``; guidance applies only where ``t_min <= t <= t_max``.
+        interval: ``(t_min, t_max)``; guidance applies only where ``t_min <= t <= t_max`` (``interval_test``).
         drop_prob: Probability of replacing a row's condition by the null condition (classifier-free
             training). Dropped rows get :math:`\tilde v = v`.
         null_condition: ``model_kwargs -> model_kwargs`` giving the null condition for the whole batch, for
@@ -76,6 +90,15 @@ class TrainingGuidance:
             alpha-Flow code), dropped rows inside the interval are guided too, with their (null) condition in
             the conditional term: :math:`\tilde v = \omega v + (1 - \omega)\,u_\theta(z_t, t, t \mid \varnothing)`.
             The two agree when ``omega = 1``.
+        drop_rows: Which rows lose their condition. ``"per_row"`` (default): each row independently with
+            ``drop_prob``. ``"first"`` (the official MeanFlow JAX code): the number of dropped rows is drawn the
+            same way (a count of per-row coins, Binomial(B, ``drop_prob``)), and the dropped rows are the FIRST
+            ones of the batch. With ``TimePairSampler(equal_count="truncate", equal_rows="first")``, whose
+            ``r = t`` rows come first, only flow-matching rows then lose their condition (while the count does not
+            exceed them). With ``drop_only_in_interval`` the first rows are further restricted to the interval.
+        interval_test: ``"inclusive"`` (default; the official MeanFlow JAX code): ``t_min <= t <= t_max``;
+            ``"strict"`` (the official alpha-Flow code): ``t_min < t < t_max``. The test decides both the guided
+            rows and, with ``drop_only_in_interval``, the rows that may be dropped.
     """
 
     omega: float = 1.0
@@ -85,6 +108,8 @@ class TrainingGuidance:
     null_condition: NullCondition | None = None
     drop_only_in_interval: bool = False
     guide_dropped_rows: bool = False
+    drop_rows: Literal["per_row", "first"] = "per_row"
+    interval_test: Literal["inclusive", "strict"] = "inclusive"
 
     def __post_init__(self) -> None:
         check_real("guidance.omega", self.omega)
@@ -99,6 +124,10 @@ class TrainingGuidance:
         check_real("guidance.drop_prob", self.drop_prob, lo=0.0, hi=1.0, hi_open=True)
         check_bool("guidance.drop_only_in_interval", self.drop_only_in_interval)
         check_bool("guidance.guide_dropped_rows", self.guide_dropped_rows)
+        if self.drop_rows not in DROP_ROWS:
+            raise ValueError(f"guidance.drop_rows must be one of {DROP_ROWS}, got {self.drop_rows!r}")
+        if self.interval_test not in INTERVAL_TESTS:
+            raise ValueError(f"guidance.interval_test must be one of {INTERVAL_TESTS}, got {self.interval_test!r}")
         if self.null_condition is not None and not callable(self.null_condition):
             raise TypeError(
                 "guidance.null_condition must be a function model_kwargs -> model_kwargs (e.g. mfl.null_class(1000)), "
@@ -121,8 +150,10 @@ class TrainingGuidance:
         return self.omega / (1.0 - self.kappa)
 
     def in_interval(self, t: Tensor) -> Tensor:
-        """Boolean mask of rows whose ``t`` lies in ``interval``, shape ``(B,)``."""
+        """Boolean mask of rows whose ``t`` lies in ``interval`` (closed or open, ``interval_test``), ``(B,)``."""
         lo, hi = self.interval
+        if self.interval_test == "strict":
+            return (t > lo) & (t < hi)
         return (t >= lo) & (t <= hi)
 
 
@@ -154,6 +185,9 @@ def draw_drop_mask(
 ) -> Tensor:
     """The rows whose condition is dropped: the given ``drop_mask`` (checked) or a draw with ``drop_prob``.
 
+    The draw follows ``guidance.drop_rows``: independent rows (``"per_row"``) or the first ``n`` rows with ``n``
+    the number of per-row coins that came up (``"first"``, the official MeanFlow JAX rule; no host sync).
+
     Args:
         guidance: Options, or ``None`` (no row is dropped; an explicit mask must then drop nothing).
         t: Times ``(B,)`` (``drop_only_in_interval`` drops only inside the interval).
@@ -177,6 +211,8 @@ def draw_drop_mask(
         return torch.zeros(batch, dtype=torch.bool, device=t.device)
     dev = generator.device if generator is not None else t.device
     drop = (torch.rand(batch, generator=generator, device=dev) < guidance.drop_prob).to(t.device)
+    if guidance.drop_rows == "first":
+        drop = torch.arange(batch, device=t.device) < drop.sum()
     return drop & guidance.in_interval(t) if guidance.drop_only_in_interval else drop
 
 

@@ -17,24 +17,48 @@ The rest of the recipe is not part of a loss and is recorded on :class:`AlphaFlo
 Adam lr 1e-4, betas (0.9, 0.95), gradient clipping 16, EMA half-life 6931 steps (:mod:`meanflow_losses.ema`),
 batch 256, bf16 autocast. XL/2+ continues XL/2 for 75K steps at batch 1024.
 
+The alpha-Flow presets draw and guide as the official code does: ``int(B * f)`` flow-matching rows
+(``equal_count="truncate"``) and the strict guidance interval ``t_min < t < t_max`` (``interval_test="strict"``).
+
 Accelerated MeanFlow (Kim et al., arXiv 2511.19065): :func:`accelerated_meanflow` adds Min-SNR weighting on
 ``r = t`` rows and the progressive interval weight on ``r != t`` rows to :class:`MeanFlowLoss`.
+
+Named recipes (:data:`RECIPES`, :func:`recipe`, ``mfl.make_objective(name, recipe=...)``) set the times,
+the adaptive weighting and the reduction of any objective for a regime:
+
+* ``"imagenet"``: the papers' ImageNet defaults: logit-normal(-0.4, 1.0) times; MeanFlow and SplitMeanFlow 75%
+  ``r = t``, :math:`w = 1/(\|D\|^2 + 10^{-3})` (``p = 1``), SUM over data dimensions; alpha-Flow 50% ``r = t``
+  with single draws, the same weight with the MEAN reduction, targets clipped to +-4; flow matching plain squared
+  error (MEAN).
+* ``"small_data"``: what the 2-D toy study found (docs/toy2d_study.md): uniform times, 50% ``r = t``, no adaptive
+  weighting (``p = 0``, plain squared error), MEAN reduction.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass, fields, replace
+from typing import Any, Literal
 
 from meanflow_losses.guidance import TrainingGuidance
 from meanflow_losses.objectives.alphaflow import AlphaFlowLoss
+from meanflow_losses.objectives.flow_matching import FlowMatchingLoss
 from meanflow_losses.objectives.meanflow import MeanFlowLoss
+from meanflow_losses.objectives.splitting import ShortcutLoss
 from meanflow_losses.schedules import Sigmoid
-from meanflow_losses.times import TimePairSampler
+from meanflow_losses.times import TimePairSampler, TimeSampler
 from meanflow_losses.weighting import AdaptiveWeight, MinSNRWeight, ProgressiveIntervalWeight
 
-__all__ = ["ALPHAFLOW_PRESETS", "AlphaFlowPreset", "accelerated_meanflow", "alphaflow_preset"]
+__all__ = [
+    "ALPHAFLOW_PRESETS",
+    "RECIPES",
+    "AlphaFlowPreset",
+    "Recipe",
+    "accelerated_meanflow",
+    "alphaflow_preset",
+    "recipe",
+    "recipe_options",
+]
 
 NullCondition = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -117,12 +141,15 @@ class AlphaFlowPreset:
                 null_condition=null_condition,
                 drop_only_in_interval=True,
                 guide_dropped_rows=True,  # official alpha-Flow code guides dropped rows in the interval too
+                interval_test="strict",  # official alpha-Flow code: t_min < t < t_max
             )
         loss = AlphaFlowLoss(
             alpha=self.schedule(),
             eta=self.eta,
-            # official alpha-Flow code: the r = t rows get their own single logit-normal draw
-            times=TimePairSampler("logit_normal", -0.4, 1.0, self.equal_fraction, equal_draw="single"),
+            # official alpha-Flow code: int(B * f) r = t rows, each with its own single logit-normal draw
+            times=TimePairSampler(
+                "logit_normal", -0.4, 1.0, self.equal_fraction, equal_draw="single", equal_count="truncate"
+            ),
             weighting=AdaptiveWeight(p=1.0, c=self.c),
             reduction=self.reduction,
             target_clip=self.target_clip,
@@ -201,3 +228,164 @@ def accelerated_meanflow(
         interval_weight=ProgressiveIntervalWeight(total_steps, k=k, times=times),
         **meanflow_options,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Named recipes: the times, weighting and reduction of a regime, for any objective.
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The times, adaptive weighting and reduction of one training regime.
+
+    Attributes:
+        name: Recipe name.
+        description: One line on where the recipe comes from.
+        time_dist: ``"uniform"`` or ``"logit_normal"``.
+        time_mean: Logit-normal location.
+        time_std: Logit-normal scale.
+        equal_fraction: Share of ``r = t`` rows of pair objectives (MeanFlow, SplitMeanFlow).
+        weight_p: Power ``p`` of :class:`AdaptiveWeight` (0: plain squared error).
+        weight_c: Constant ``c`` of :class:`AdaptiveWeight`.
+        reduction: Reduction over data dimensions of pair objectives, ``"sum"`` or ``"mean"``.
+        alphaflow_equal_fraction: Share of ``r = t`` rows of alpha-Flow.
+        alphaflow_equal_draw: Times of alpha-Flow's ``r = t`` rows (``"pair"`` or ``"single"``).
+        alphaflow_reduction: Reduction of alpha-Flow.
+        alphaflow_target_clip: Target clip of alpha-Flow (``None``: off).
+        fm_weight_p: Power ``p`` of flow matching's weighting.
+    """
+
+    name: str
+    description: str
+    time_dist: Literal["uniform", "logit_normal"]
+    time_mean: float
+    time_std: float
+    equal_fraction: float
+    weight_p: float
+    weight_c: float
+    reduction: Literal["sum", "mean"]
+    alphaflow_equal_fraction: float
+    alphaflow_equal_draw: Literal["pair", "single"]
+    alphaflow_reduction: Literal["sum", "mean"]
+    alphaflow_target_clip: float | None
+    fm_weight_p: float
+
+    def times(
+        self, equal_fraction: float | None = None, equal_draw: Literal["pair", "single"] = "pair"
+    ) -> TimePairSampler:
+        """The recipe's ``(t, r)`` sampler (``equal_fraction`` defaults to the recipe's)."""
+        f = self.equal_fraction if equal_fraction is None else equal_fraction
+        return TimePairSampler(self.time_dist, self.time_mean, self.time_std, f, equal_draw=equal_draw)
+
+    def options(self, objective: str | type) -> dict[str, Any]:
+        """The options this recipe sets on an objective (a name of the registry or an objective class).
+
+        Returns:
+            Keyword arguments for the objective: ``times``, ``weighting``, ``reduction`` and, for alpha-Flow,
+            ``target_clip``. The Shortcut model keeps its dyadic times (only ``weighting`` and ``reduction``).
+        """
+        from meanflow_losses.registry import objective_class
+
+        cls = objective_class(objective) if isinstance(objective, str) else objective
+        if issubclass(cls, ShortcutLoss):
+            return {"weighting": AdaptiveWeight(p=self.fm_weight_p, c=self.weight_c), "reduction": "mean"}
+        if issubclass(cls, FlowMatchingLoss):
+            return {
+                "times": TimeSampler(self.time_dist, self.time_mean, self.time_std),
+                "weighting": AdaptiveWeight(p=self.fm_weight_p, c=self.weight_c),
+                "reduction": "mean",
+            }
+        weighting = AdaptiveWeight(p=self.weight_p, c=self.weight_c)
+        if issubclass(cls, AlphaFlowLoss):
+            return {
+                "times": self.times(self.alphaflow_equal_fraction, self.alphaflow_equal_draw),
+                "weighting": weighting,
+                "reduction": self.alphaflow_reduction,
+                "target_clip": self.alphaflow_target_clip,
+            }
+        opts: dict[str, Any] = {"times": self.times(), "weighting": weighting, "reduction": self.reduction}
+        names = {f.name for f in fields(cls) if f.init}
+        return {k: v for k, v in opts.items() if k in names}
+
+    def flat_options(self, objective: str | type = "meanflow") -> dict[str, Any]:
+        """The recipe as plain values, for a config file or a command line (the example trainers' ``--recipe``).
+
+        Returns:
+            ``time_dist``, ``time_mean``, ``time_std``, ``weight_p``, ``weight_c``, ``reduction`` and, for pair
+            objectives, ``equal_fraction`` and ``equal_draw``.
+        """
+        from meanflow_losses.registry import objective_class
+
+        cls = objective_class(objective) if isinstance(objective, str) else objective
+        flat: dict[str, Any] = {"time_dist": self.time_dist, "time_mean": self.time_mean, "time_std": self.time_std,
+                                "weight_c": self.weight_c}
+        if issubclass(cls, (FlowMatchingLoss, ShortcutLoss)):
+            return {**flat, "weight_p": self.fm_weight_p, "reduction": "mean"}
+        if issubclass(cls, AlphaFlowLoss):
+            return {**flat, "weight_p": self.weight_p, "reduction": self.alphaflow_reduction,
+                    "equal_fraction": self.alphaflow_equal_fraction, "equal_draw": self.alphaflow_equal_draw}
+        return {**flat, "weight_p": self.weight_p, "reduction": self.reduction,
+                "equal_fraction": self.equal_fraction, "equal_draw": "pair"}
+
+
+RECIPES: dict[str, Recipe] = {
+    "imagenet": Recipe(
+        "imagenet",
+        "the papers' ImageNet-256 defaults (MeanFlow arXiv 2505.13447; alpha-Flow arXiv 2510.20771)",
+        time_dist="logit_normal",
+        time_mean=-0.4,
+        time_std=1.0,
+        equal_fraction=0.75,
+        weight_p=1.0,
+        weight_c=1e-3,
+        reduction="sum",
+        alphaflow_equal_fraction=0.5,
+        alphaflow_equal_draw="single",
+        alphaflow_reduction="mean",
+        alphaflow_target_clip=4.0,
+        fm_weight_p=0.0,
+    ),
+    "small_data": Recipe(
+        "small_data",
+        "the 2-D toy study's recipe (docs/toy2d_study.md): uniform times, 50% r = t, p = 0, MEAN reduction",
+        time_dist="uniform",
+        time_mean=-0.4,
+        time_std=1.0,
+        equal_fraction=0.5,
+        weight_p=0.0,
+        weight_c=1e-3,
+        reduction="mean",
+        alphaflow_equal_fraction=0.5,
+        alphaflow_equal_draw="pair",
+        alphaflow_reduction="mean",
+        alphaflow_target_clip=None,
+        fm_weight_p=0.0,
+    ),
+}
+
+
+def recipe_options(name: str, objective: str | type = "meanflow") -> dict[str, Any]:
+    """The options recipe ``name`` sets on ``objective`` (see :meth:`Recipe.options`).
+
+    Raises:
+        ValueError: ``name`` is not a key of :data:`RECIPES` (the message lists them).
+    """
+    if not isinstance(name, str) or name not in RECIPES:
+        raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {name!r}")
+    return RECIPES[name].options(objective)
+
+
+def recipe(name: str, objective: str = "meanflow", **options: Any) -> Any:
+    """Build ``objective`` with recipe ``name``; ``options`` override the recipe's and add others.
+
+    ``mfl.presets.recipe("small_data", "meanflow", jvp="finite_difference")`` equals
+    ``mfl.make_objective("meanflow", recipe="small_data", jvp="finite_difference")``.
+
+    Args:
+        name: A key of :data:`RECIPES`.
+        objective: A name of the registry (``"meanflow"``, ``"alphaflow"``, ...).
+        **options: Other fields of the objective (``alpha=`` is required by alpha-Flow).
+    """
+    from meanflow_losses.registry import make_objective
+
+    return make_objective(objective, recipe=name, **options)

@@ -5,6 +5,8 @@
     loss = mfl.make_objective("meanflow", jvp="finite_difference")   # == mfl.MeanFlowLoss(jvp="finite_difference")
     mfl.make_objective("meanflow", equal_frac=0.5)   # ValueError naming the option and listing the valid ones
     mfl.OBJECTIVES                                   # {"flow_matching": FlowMatchingLoss, "meanflow": ..., ...}
+    mfl.make_objective("meanflow", recipe="small_data")   # a named recipe (mfl.presets.RECIPES) sets the times,
+                                                          # weighting and reduction; options given override it
 
 Names are lower case; ``"fm"``, ``"alpha_flow"``, ``"split_meanflow"`` and the class names themselves are accepted
 as aliases. Options are the objective's dataclass fields; an unknown option raises an error that lists the valid
@@ -24,7 +26,7 @@ from meanflow_losses.objectives import (
     SplitMeanFlowLoss,
 )
 
-__all__ = ["OBJECTIVES", "make_objective", "objective_class"]
+__all__ = ["OBJECTIVES", "RECIPE_NAMES", "make_objective", "objective_class"]
 
 #: Canonical name -> objective class.
 OBJECTIVES: dict[str, type] = {
@@ -34,6 +36,9 @@ OBJECTIVES: dict[str, type] = {
     "splitmeanflow": SplitMeanFlowLoss,
     "shortcut": ShortcutLoss,
 }
+
+#: Names of the recipes :func:`make_objective` accepts (:data:`meanflow_losses.presets.RECIPES`).
+RECIPE_NAMES: tuple[str, ...] = ("imagenet", "small_data")  # pinned to presets.RECIPES by tests/test_official_samplers.py
 
 _ALIASES: dict[str, str] = {
     "fm": "flow_matching",
@@ -60,21 +65,28 @@ def objective_class(name: str) -> type:
     return OBJECTIVES[key]
 
 
-def make_objective(name: str, **options: Any) -> Any:
+def make_objective(name: str, *, recipe: str | None = None, **options: Any) -> Any:
     """Build the objective called ``name`` with ``options`` (its dataclass fields).
 
     Args:
         name: A key of :data:`OBJECTIVES` or an alias.
+        recipe: Optional named recipe (``"imagenet"``, ``"small_data"``; :data:`meanflow_losses.presets.RECIPES`)
+            that sets ``times``, ``weighting`` and ``reduction`` (and alpha-Flow's ``target_clip``); ``options``
+            given explicitly override it. ``None`` (default): the objective's own defaults.
         **options: Fields of the objective, e.g. ``times=TimePairSampler(...)``, ``jvp="nograd"``.
 
     Returns:
         The objective instance.
 
     Raises:
-        ValueError: Unknown name, an option that is not a field of the objective (the message lists the
-            valid fields), or a required option left out (``alpha`` of alpha-Flow).
+        ValueError: Unknown name, an unknown recipe, an option that is not a field of the objective (the message
+            lists the valid fields), or a required option left out (``alpha`` of alpha-Flow).
     """
     cls = objective_class(name)
+    if recipe is not None:
+        from meanflow_losses.presets import recipe_options
+
+        options = {**recipe_options(recipe, cls), **options}
     fields = [f.name for f in dataclasses.fields(cls) if f.init]
     unknown = sorted(set(options) - set(fields))
     if unknown:

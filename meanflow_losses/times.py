@@ -1,4 +1,4 @@
-r"""Time distributions and the sorted ``(t, r)`` pair sampler.
+r"""Time distributions and the ``(t, r)`` pair sampler.
 
 A time sampler is a small frozen dataclass selected by name:
 
@@ -12,6 +12,28 @@ official MeanFlow code also fixes the count per batch rather than flipping a coi
 keep ``t = max(a, b)`` (``equal_draw="pair"``, the official MeanFlow code), whose density is skewed towards the
 noise end (``2t`` for uniform draws), or take a fresh single draw (``equal_draw="single"``, the official
 alpha-Flow code), so that the flow-matching rows see the base distribution itself.
+
+Options reproduce each official code's draws (the defaults are the package's rule above):
+
+=============================  ==========================================================================
+official code                  options
+=============================  ==========================================================================
+MeanFlow JAX                   ``equal_count="truncate", equal_rows="first"`` (``int(B * f)`` rows, first)
+py-meanflow ``v0``             ``equal_count="coin"``, ``r_times=TimeSampler(...)`` (``P_mean_r, P_std_r``)
+py-meanflow ``v1`` (default)   ``equal_count="coin", order="min"``, ``r_times=TimeSampler(...)``
+alpha-Flow                     ``equal_count="truncate", equal_rows="first", equal_draw="single"``
+=============================  ==========================================================================
+
+py-meanflow's ``ratio`` is the probability of ``r != t``: ``equal_fraction = 1 - ratio``.
+
+**Static row counts and torch.compile.** With a fixed count (``equal_count="floor"`` or ``"truncate"``) and
+``order="sort"`` the sampler hands the objectives their ``r < t`` rows (:attr:`TimePair.interval_rows`), a
+static shape under ``torch.compile``. A coin per row (``equal_count="coin"``) and ``order="min"`` (where every
+pair with ``b >= a`` also ends with ``r = t``) make the number of ``r != t`` rows data-dependent: the sampler
+returns ``interval_rows=None`` and the objectives find the rows with ``r != t`` (one host sync, eager). Drawn
+inside a compiled region such a sampler raises a ``ValueError``: draw ``(t, r)`` outside the compiled function
+and pass ``t=`` and ``r=`` (the row selection is then a graph break, one compilation per distinct count), or use
+a fixed count inside compiled code.
 """
 
 from __future__ import annotations
@@ -24,11 +46,30 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from meanflow_losses._validate import check_real
+from meanflow_losses._validate import check_real, compiling
 
-__all__ = ["TIME_DISTRIBUTIONS", "TimePair", "TimePairSampler", "TimeSampler", "resolve_fraction"]
+__all__ = [
+    "EQUAL_COUNTS",
+    "EQUAL_ROWS",
+    "PAIR_ORDERS",
+    "TIME_DISTRIBUTIONS",
+    "TimePair",
+    "TimePairSampler",
+    "TimeSampler",
+    "resolve_fraction",
+]
 
 TIME_DISTRIBUTIONS = ("uniform", "logit_normal")
+#: Rules for the number of ``r = t`` rows (see :class:`TimePairSampler`).
+EQUAL_COUNTS = ("floor", "truncate", "coin")
+#: Placements of a fixed number of ``r = t`` rows.
+EQUAL_ROWS = ("random", "first")
+#: How two draws become ``(t, r)``.
+PAIR_ORDERS = ("sort", "min")
+
+EqualCount = Literal["floor", "truncate", "coin"]
+EqualRows = Literal["random", "first"]
+PairOrder = Literal["sort", "min"]
 
 FractionLike = float | Callable[[int], float]
 
@@ -115,19 +156,35 @@ def resolve_fraction(fraction: FractionLike, step: int | None, name: str = "equa
 
 @dataclass(frozen=True)
 class TimePairSampler:
-    r"""Sorted ``(t, r)`` pairs with a fixed share of rows where ``r = t``.
+    r"""``(t, r)`` pairs, ``r <= t``, with a share of rows where ``r = t``.
 
-    Draws :math:`a, b` i.i.d. from the named distribution, sets :math:`t = \max(a, b)`,
+    By default: draws :math:`a, b` i.i.d. from the named distribution, sets :math:`t = \max(a, b)`,
     :math:`r = \min(a, b)`, then ``r = t`` on ``floor(equal_fraction * B)`` rows picked by a random
-    permutation. ``equal_fraction`` may be a float or a schedule ``step -> float``.
+    permutation. ``equal_fraction`` may be a float or a schedule ``step -> float``. The other options reproduce
+    the official codes' draws (module docstring).
 
     Args:
-        name: ``"uniform"`` or ``"logit_normal"``.
+        name: ``"uniform"`` or ``"logit_normal"``: the distribution of ``a`` (the ``t`` draw).
         mean: Logit-normal location.
         std: Logit-normal scale.
         equal_fraction: Share of rows with ``r = t`` (plain flow-matching rows). MeanFlow ImageNet: 0.75.
-        equal_draw: Times of the ``r = t`` rows: ``"pair"`` keeps ``t = max(a, b)`` (MeanFlow's code);
+        equal_draw: Times of the ``r = t`` rows: ``"pair"`` keeps the pair's ``t`` (MeanFlow's code);
             ``"single"`` redraws them from the base distribution (alpha-Flow's code).
+        equal_count: Rule for the ``r = t`` rows: ``"floor"`` (default) a fixed ``floor(f * B + 1e-9)``;
+            ``"truncate"`` a fixed ``int(B * f)`` (the official MeanFlow JAX and alpha-Flow codes; the two differ
+            when ``f * B`` falls just below an integer in floating point, e.g. 28 against 29 rows for
+            ``0.29 x 100``); ``"coin"`` an independent coin per row with probability ``f`` (py-meanflow: the
+            count varies from batch to batch, and the objectives find the rows with ``r != t``).
+        equal_rows: Placement of a fixed number of ``r = t`` rows: ``"random"`` (default, a random permutation)
+            or ``"first"`` (the first rows of the batch, as the official MeanFlow JAX and alpha-Flow codes; with
+            ``TrainingGuidance(drop_rows="first")`` only flow-matching rows then lose their condition). Not
+            with ``equal_count="coin"``.
+        order: How the two draws become a pair: ``"sort"`` (default) ``t = max(a, b), r = min(a, b)``;
+            ``"min"`` ``t = a, r = min(a, b)`` without sorting (py-meanflow's ``v1`` sampler): ``t`` keeps the
+            ``a`` distribution, and every pair with ``b >= a`` has ``r = t``, so the share of ``r = t`` rows
+            exceeds ``equal_fraction``.
+        r_times: Distribution of ``b`` (the ``r`` draw), e.g. py-meanflow's ``P_mean_r, P_std_r``;
+            ``None`` (default) draws ``b`` like ``a``.
     """
 
     name: str = "logit_normal"
@@ -135,6 +192,10 @@ class TimePairSampler:
     std: float = 1.0
     equal_fraction: FractionLike = 0.75
     equal_draw: Literal["pair", "single"] = "pair"
+    equal_count: EqualCount = "floor"
+    equal_rows: EqualRows = "random"
+    order: PairOrder = "sort"
+    r_times: TimeSampler | None = None
     base: TimeSampler = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -142,12 +203,44 @@ class TimePairSampler:
 
         if self.equal_draw not in ("pair", "single"):
             raise ValueError(f"equal_draw must be 'pair' or 'single', got {self.equal_draw!r}")
+        if self.equal_count not in EQUAL_COUNTS:
+            raise ValueError(f"equal_count must be one of {EQUAL_COUNTS}, got {self.equal_count!r}")
+        if self.equal_rows not in EQUAL_ROWS:
+            raise ValueError(f"equal_rows must be one of {EQUAL_ROWS}, got {self.equal_rows!r}")
+        if self.order not in PAIR_ORDERS:
+            raise ValueError(f"order must be one of {PAIR_ORDERS}, got {self.order!r}")
+        if self.equal_count == "coin" and self.equal_rows != "random":
+            raise ValueError(
+                "equal_rows='first' needs a fixed number of r = t rows: use equal_count='floor' or 'truncate' "
+                "(equal_count='coin' flips a coin on every row)"
+            )
+        if self.r_times is not None and not isinstance(self.r_times, TimeSampler):
+            raise TypeError(
+                f"r_times must be None or a TimeSampler (e.g. mfl.TimeSampler('logit_normal', -4.0, 1.6)), "
+                f"got {type(self.r_times).__name__}"
+            )
         if not callable(self.equal_fraction):
             resolve_fraction(self.equal_fraction, None)
 
+    @property
+    def static_rows(self) -> bool:
+        """Whether the number of ``r < t`` rows is fixed per batch size (``interval_rows`` is then returned)."""
+        return self.equal_count != "coin" and self.order == "sort"
+
     def num_equal(self, batch_size: int, step: int | None = None) -> int:
-        """Number of ``r = t`` rows in a batch of ``batch_size``: ``floor(fraction * B)``."""
-        return math.floor(resolve_fraction(self.equal_fraction, step) * batch_size + 1e-9)
+        """Number of ``r = t`` rows in a batch of ``batch_size`` under a fixed count.
+
+        ``floor(f * B + 1e-9)`` (``equal_count="floor"``) or ``int(B * f)`` (``"truncate"``).
+
+        Raises:
+            ValueError: ``equal_count="coin"`` (the count is drawn with the batch).
+        """
+        f = resolve_fraction(self.equal_fraction, step)
+        if self.equal_count == "coin":
+            raise ValueError("equal_count='coin' draws the number of r = t rows per batch: it has no fixed count")
+        if self.equal_count == "truncate":
+            return int(batch_size * f)
+        return math.floor(f * batch_size + 1e-9)
 
     def sample(
         self,
@@ -161,23 +254,70 @@ class TimePairSampler:
         """Draw a batch of pairs.
 
         Returns:
-            :class:`TimePair` with ``t`` and ``r`` of shape ``(B,)``, ``0 <= r <= t <= 1``.
+            :class:`TimePair` with ``t`` and ``r`` of shape ``(B,)``, ``0 <= r <= t <= 1``; its ``interval_rows``
+            are ``None`` when the count of ``r != t`` rows is data-dependent (:attr:`static_rows` false).
+
+        Raises:
+            ValueError: a data-dependent count (``equal_count="coin"`` or ``order="min"``) drawn inside
+                ``torch.compile``.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        a = _draw(self.name, self.mean, self.std, 2 * batch_size, generator, device, torch.float64)
-        a = a.view(2, batch_size)
-        t, r = a.max(dim=0).values, a.min(dim=0).values
+        if not self.static_rows and compiling():
+            raise ValueError(
+                f"TimePairSampler(equal_count={self.equal_count!r}, order={self.order!r}) gives a data-dependent "
+                "number of r != t rows, which torch.compile cannot trace with static shapes: draw (t, r) outside "
+                "the compiled function and pass t= and r= to the loss, or use equal_count='truncate' (or 'floor') "
+                "with order='sort' inside compiled code"
+            )
+        if self.r_times is None:
+            a = _draw(self.name, self.mean, self.std, 2 * batch_size, generator, device, torch.float64)
+            a, b = a.view(2, batch_size).unbind(0)
+        else:
+            a = _draw(self.name, self.mean, self.std, batch_size, generator, device, torch.float64)
+            rt = self.r_times
+            b = _draw(rt.name, rt.mean, rt.std, batch_size, generator, device, torch.float64)
+        if self.order == "sort":
+            t, r = torch.maximum(a, b), torch.minimum(a, b)
+        else:
+            t, r = a, torch.minimum(a, b)
+        if self.equal_count == "coin":
+            return self._coin_rows(t, r, step, generator, device, dtype)
         n_eq = self.num_equal(batch_size, step)
         interval = torch.arange(batch_size, device=t.device)
         if n_eq > 0:
-            dev = generator.device if generator is not None else device
-            perm = torch.randperm(batch_size, generator=generator, device=dev).to(t.device)
-            eq = perm[:n_eq]
-            interval = perm[n_eq:].sort().values
+            if self.equal_rows == "first":
+                eq = torch.arange(n_eq, device=t.device)
+                interval = torch.arange(n_eq, batch_size, device=t.device)
+            else:
+                dev = generator.device if generator is not None else device
+                perm = torch.randperm(batch_size, generator=generator, device=dev).to(t.device)
+                eq = perm[:n_eq]
+                interval = perm[n_eq:].sort().values
             r = r.clone()
             if self.equal_draw == "single":
                 t = t.clone()
                 t[eq] = _draw(self.name, self.mean, self.std, n_eq, generator, device, torch.float64).to(t.device)
             r[eq] = t[eq]
-        return TimePair(t=t.to(dtype), r=r.to(dtype), interval_rows=interval)
+        rows = interval if self.static_rows else None
+        return TimePair(t=t.to(dtype), r=r.to(dtype), interval_rows=rows)
+
+    def _coin_rows(
+        self,
+        t: Tensor,
+        r: Tensor,
+        step: int | None,
+        generator: torch.Generator | None,
+        device: torch.device | str | None,
+        dtype: torch.dtype,
+    ) -> TimePair:
+        """``r = t`` on the rows whose coin (probability ``equal_fraction``) comes up; no static rows."""
+        batch_size = t.shape[0]
+        f = resolve_fraction(self.equal_fraction, step)
+        dev = generator.device if generator is not None else device
+        coin = (torch.rand(batch_size, generator=generator, device=dev, dtype=torch.float64) < f).to(t.device)
+        if self.equal_draw == "single":
+            fresh = _draw(self.name, self.mean, self.std, batch_size, generator, device, torch.float64)
+            t = torch.where(coin, fresh.to(t.device), t)
+        r = torch.where(coin, t, r)
+        return TimePair(t=t.to(dtype), r=r.to(dtype), interval_rows=None)

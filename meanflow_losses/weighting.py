@@ -165,6 +165,8 @@ def expected_gap(times: TimePairSampler) -> float:
     """
     if not isinstance(times, TimePairSampler):
         raise TypeError(f"times must be a TimePairSampler, got {type(times).__name__}")
+    if getattr(times, "r_times", None) is not None:
+        return _expected_gap_two(times)
     if times.name == "uniform":
         return 1.0 / 3.0
     m, s = float(times.mean), float(times.std)
@@ -172,6 +174,32 @@ def expected_gap(times: TimePairSampler) -> float:
     cdf = torch.special.ndtr((y - m) / s)
     sig = torch.sigmoid(y)
     return float(torch.trapezoid(2.0 * cdf * (1.0 - cdf) * sig * (1.0 - sig), y))
+
+
+def _cdf_on_grid(name: str, mean: float, std: float, x: Tensor) -> Tensor:
+    """CDF of one time draw (``"uniform"`` or ``"logit_normal"``) at the points ``x`` of ``(0, 1)``."""
+    if name == "uniform":
+        return x
+    return torch.special.ndtr((torch.logit(x) - mean) / std)
+
+
+def _expected_gap_two(times: TimePairSampler) -> float:
+    r""":math:`\mathbb{E}[t - r]` over ``r != t`` rows when ``a`` and ``b`` have different CDFs ``F`` and ``G``.
+
+    ``order="sort"``: :math:`\mathbb{E}|a - b| = \int_0^1 F(1 - G) + G(1 - F)\,dx`; ``order="min"`` (``t = a``,
+    ``r = min(a, b)``, interval rows where ``b < a``):
+    :math:`\mathbb{E}[a - b \mid b < a] = \int_0^1 G(1 - F)\,dx \,/\, P(b < a)`, with
+    :math:`P(b < a) = \int_0^1 G\,dF = 1 - \int_0^1 F\,dG`, by quadrature on a fine grid of ``(0, 1)``.
+    """
+    rt = times.r_times
+    x = torch.linspace(0.0, 1.0, 2_000_001, dtype=torch.float64)[1:-1]
+    f = _cdf_on_grid(times.name, float(times.mean), float(times.std), x)
+    g = _cdf_on_grid(rt.name, float(rt.mean), float(rt.std), x)
+    if times.order == "sort":
+        return float(torch.trapezoid(f * (1 - g) + g * (1 - f), x))
+    # P(b < a) = integral of P(a > x) dG(x) = integral of (1 - F) dG
+    p_less = float(torch.trapezoid(1 - f, g))
+    return float(torch.trapezoid(g * (1 - f), x)) / p_less
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ held-out real digits, next to the same distance for the real training digits. Wr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -285,6 +286,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m examples.digits.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=cli.HelpFormatter)
     cli.add_config_options(p, DigitsConfig, HELP, RANGES, CHOICES)
+    p.add_argument("--recipe", choices=sorted(mfl.presets.RECIPES),
+                   help="start from a named recipe's time distribution, r = t share and weight power "
+                        "(mfl.presets.RECIPES; the reduction stays the SUM over the 64 pixels); options given "
+                        "explicitly override it")
     return p
 
 
@@ -293,8 +298,14 @@ def config_from_argv(argv: list[str] | None = None) -> DigitsConfig:
     option: a value out of range or choices, an option given that has no effect, or a conflict between options."""
     parser = _parser()
     given = cli.parse_explicit(parser, argv)
+    recipe = given.pop("recipe", None)
+    fields = {f.name for f in dataclasses.fields(DigitsConfig)}
+    from_recipe = {} if recipe is None else {
+        k: v for k, v in mfl.presets.RECIPES[recipe].flat_options("meanflow").items()
+        if k in fields and k not in ("weight_c", "reduction")
+    }
     try:
-        cfg = DigitsConfig(**given)
+        cfg = DigitsConfig(**{**from_recipe, **given})
         cli.check_unused(cfg, given)
     except ValueError as err:
         cli.usage_error(parser, err)

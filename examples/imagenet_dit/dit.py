@@ -8,6 +8,11 @@ where both time embedders see RAW times in [0, 1]. DDPM-era DiT code multiplies 
 embedding; that puts frequencies of ~1000 rad per unit time into du/dt and ruins every JVP objective (MeanFlow,
 alpha-Flow's MeanFlow phase), while plain flow matching barely notices. Keep ``time_scale=1``.
 
+With ``decoupled_last_blocks = k > 0`` (Decoupled MeanFlow, Lee et al. 2025, arXiv 2510.24474) the first
+``depth - k`` blocks are conditioned on ``Emb_t(t) + Emb_h(0) + Emb_y(y)`` (t alone: they ignore r) and the last ``k``
+blocks and the final layer on ``Emb_t(r) + Emb_h(t - r) + Emb_y(y)``. At ``r = t`` both equal the plain DiT's
+condition, so a flow-matching DiT is a valid starting point for every ``k`` (:func:`flow_matching_init_`).
+
 The network takes ``(x, t, h, y)`` with ``h = t - r``; wrap it with
 ``meanflow_losses.adapters.from_interval_net`` to get the package's ``model(z, r, t, y=y)`` protocol (the adapter
 then implies the right JVP tangents, dt = dh = 1).
@@ -33,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["DIT_SIZES", "DiT", "DiTConfig", "build_dit", "make_dit_config"]
+__all__ = ["DIT_SIZES", "DiT", "DiTConfig", "build_dit", "flow_matching_init_", "make_dit_config"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,9 @@ class DiTConfig:
     num_classes: int = 1000  # the null class is index num_classes
     time_scale: float = 1.0  # multiplies t and h before the sinusoidal embedding; 1 = raw times as in the papers
     frequency_dim: int = 256
+    # Decoupled MeanFlow (Lee et al. 2025): the last k blocks and the final layer are conditioned on r (through the
+    # same time embedder) and h, the first depth - k blocks on t alone; 0 = every block on (t, h)
+    decoupled_last_blocks: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -218,6 +226,10 @@ class DiT(nn.Module):
         super().__init__()
         if config.input_size % config.patch_size:
             raise ValueError(f"input_size {config.input_size} is not divisible by patch_size {config.patch_size}")
+        if not 0 <= config.decoupled_last_blocks <= config.depth:
+            raise ValueError(
+                f"decoupled_last_blocks must lie in [0, depth = {config.depth}], got {config.decoupled_last_blocks}"
+            )
         self.config = config
         self.grad_checkpointing = grad_checkpointing
         C = config.hidden_size
@@ -265,16 +277,48 @@ class DiT(nn.Module):
                 f"x must have shape (B, {cfg.in_channels}, {cfg.input_size}, {cfg.input_size}), got {tuple(x.shape)}"
             )
         dtype = self.pos_embed.dtype  # float32 (float64 after .double())
+        split = cfg.depth - cfg.decoupled_last_blocks  # blocks [0, split) see t only when decoupled
         with _fp32(x):
             tokens = self.x_embedder(x.to(dtype)) + self.pos_embed
-            c = self.t_embedder(t) + self.h_embedder(h) + self.y_embedder(y)
-        for block in self.blocks:
+            label = self.y_embedder(y)
+            if split == cfg.depth:
+                c = c_first = self.t_embedder(t) + self.h_embedder(h) + label
+            else:  # Decoupled MeanFlow: r = t - h (its tangent is dt - dh = 0 under the JVP)
+                c_first = self.t_embedder(t) + self.h_embedder(torch.zeros_like(h)) + label
+                c = self.t_embedder(t - h) + self.h_embedder(h) + label
+        for i, block in enumerate(self.blocks):
+            cond = c_first if i < split else c
             if self.grad_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, c, use_reentrant=False)
+                tokens = checkpoint(block, tokens, cond, use_reentrant=False)
             else:
-                tokens = block(tokens, c)
+                tokens = block(tokens, cond)
         out = self.final_layer(tokens, c)
         return self.unpatchify(out).to(x.dtype)
+
+
+@torch.no_grad()
+def flow_matching_init_(net: DiT) -> DiT:
+    """Make a flow-matching DiT the exact starting point of a mean-flow fine-tuning, in place.
+
+    Flow matching trains the DiT at ``h = 0`` only, so its ``Emb_h`` has learnt one vector, ``Emb_h(0)``, and is
+    arbitrary elsewhere. This folds that vector into the bias of ``Emb_h``'s last layer and zeroes its weight:
+    ``Emb_h(h) = Emb_h(0)`` for every ``h``, so the network's output is unchanged at ``r = t`` and, with
+    ``decoupled_last_blocks = 0``, for every ``r``. The last layer's weight gets a gradient at the first step (its
+    input features are not zero) and the layers before it from the second step on.
+
+    Args:
+        net: The DiT holding the flow-matching weights.
+
+    Returns:
+        ``net``.
+    """
+    emb = net.h_embedder
+    last = emb.mlp[-1]
+    param = last.weight
+    value = emb(torch.zeros(1, device=param.device, dtype=param.dtype))[0]  # Emb_h(0), shape (hidden_size,)
+    last.weight.zero_()
+    last.bias.copy_(value.to(last.bias.dtype))
+    return net
 
 
 def make_dit_config(

@@ -56,6 +56,7 @@ class ModelSection:
     patch_size: int | None = None
     time_scale: float = 1.0  # 1 = raw t in [0, 1]; never 1000 with JVP objectives
     grad_checkpointing: bool = False
+    decoupled_last_blocks: int = 0  # Decoupled MeanFlow: the last k blocks see r instead of t (0 = off)
 
 
 @dataclass
@@ -95,6 +96,19 @@ class TrainSection:
     distributed: str = "ddp"  # "ddp" or "fsdp2" (shards parameters, gradients and optimizer state; for XL)
     init_from: str = ""  # checkpoint to start from (weights + EMA; fresh optimizer), e.g. XL/2+
     init_step: int = 0  # step counter after init_from (schedules continue from there)
+    # fine-tuning: a flow-matching run (or checkpoint) of this train.py to start from (weights into model and EMA,
+    # Emb_h folded so that u(z, t, t) is the FM network exactly; fresh optimizer, step 0). Also --init-from-fm.
+    init_from_fm: str = ""
+    init_from_fm_weights: str = "ema"  # "ema" (the FM run's EMA network) or "model" (its raw weights)
+    # distillation: a frozen teacher (a flow-matching checkpoint of this train.py) whose velocity replaces e - x in
+    # the objective (called with teacher=); its own classifier-free guidance scale and interval. Also --teacher.
+    teacher_checkpoint: str = ""
+    # keys of this section a config needs set before it trains (e.g. ["init_from_fm"] for a fine-tuning config):
+    # an empty one is an error at the start of train.py, not a silent run from scratch
+    requires: tuple[str, ...] = ()
+    teacher_weights: str = "ema"  # "ema" or "model"
+    teacher_guidance_scale: float = 1.0  # 1 = no guidance; else the null class is the unconditional branch
+    teacher_guidance_interval: tuple[float, float] = (0.0, 1.0)  # guidance where t_min <= t <= t_max
     log_every: int = 100
     ckpt_every: int = 10_000
     keep_checkpoints: int = 2
@@ -182,6 +196,24 @@ class Config:
             raise ConfigError(f"train.init_step must lie in [0, train.steps), got {self.train.init_step}")
         if self.train.max_nonfinite_steps < 1:
             raise ConfigError(f"train.max_nonfinite_steps must be >= 1, got {self.train.max_nonfinite_steps}")
+        for key in self.train.requires:
+            if key not in {f.name for f in dataclasses.fields(TrainSection)} or key == "requires":
+                raise ConfigError(f"train.requires names {key!r}, which is not a key of [train]")
+        for key in ("init_from_fm_weights", "teacher_weights"):
+            if getattr(self.train, key) not in ("ema", "model"):
+                raise ConfigError(f"train.{key} must be 'ema' or 'model', got {getattr(self.train, key)!r}")
+        if self.train.init_from_fm and self.train.init_from:
+            raise ConfigError(
+                "train.init_from and train.init_from_fm are exclusive: init_from continues a run of this config, "
+                "init_from_fm starts a fine-tuning from a flow-matching run"
+            )
+        lo_hi = self.train.teacher_guidance_interval
+        if len(lo_hi) != 2 or not 0.0 <= lo_hi[0] <= lo_hi[1] <= 1.0:
+            raise ConfigError(f"train.teacher_guidance_interval must be [t_min, t_max] in [0, 1], got {list(lo_hi)}")
+        if not self.train.teacher_guidance_scale > 0:
+            raise ConfigError(f"train.teacher_guidance_scale must be > 0, got {self.train.teacher_guidance_scale}")
+        if self.model.decoupled_last_blocks < 0:
+            raise ConfigError(f"model.decoupled_last_blocks must be >= 0, got {self.model.decoupled_last_blocks}")
         if self.train.distributed not in ("ddp", "fsdp2"):
             raise ConfigError(f"train.distributed must be 'ddp' or 'fsdp2', got {self.train.distributed!r}")
         if self.sampling.two_step_method not in ("ode", "consistency"):

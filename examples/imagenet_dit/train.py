@@ -64,8 +64,14 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
 import meanflow_losses as mfl
-from examples.imagenet_dit.dit import DiT, DiTConfig, make_dit_config
-from examples.imagenet_dit.dit_config import Config, ConfigError, build_objective, load_config
+from examples.imagenet_dit.dit import DiT, DiTConfig, flow_matching_init_, make_dit_config
+from examples.imagenet_dit.dit_config import (
+    Config,
+    ConfigError,
+    build_objective,
+    load_config,
+    null_class_condition,
+)
 from examples.imagenet_dit.dit_runtime import (
     CKPT_FORMAT,
     DistInfo,
@@ -104,6 +110,7 @@ def dit_config_for(cfg: Config, latent_shape: tuple[int, int, int], num_classes:
             in_channels=latent_shape[0],
             num_classes=num_classes,
             time_scale=m.time_scale,
+            decoupled_last_blocks=m.decoupled_last_blocks,
             **overrides,
         )
     except ValueError as err:
@@ -118,13 +125,27 @@ def describe(c: DiTConfig | dict) -> str:
     )
 
 
-def check_checkpoint_model(ckpt: dict, expected: DiTConfig, path: str | os.PathLike) -> None:
-    """Refuse a checkpoint of another model size (before load_state_dict fails with a wall of shapes)."""
+#: DiTConfig fields that change how the weights are used, not their shapes: a flow-matching checkpoint may start a
+#: fine-tuning whose DiT differs in them.
+CONDITIONING_ONLY = ("decoupled_last_blocks",)
+
+
+def check_checkpoint_model(
+    ckpt: dict, expected: DiTConfig, path: str | os.PathLike, *, ignore: tuple[str, ...] = ()
+) -> None:
+    """Refuse a checkpoint of another model size (before load_state_dict fails with a wall of shapes).
+
+    Args:
+        ckpt: The checkpoint dict.
+        expected: The DiT the config builds.
+        path: For the message.
+        ignore: DiTConfig fields allowed to differ (e.g. :data:`CONDITIONING_ONLY` for ``init_from_fm``).
+    """
     stored = ckpt.get("model_config")
     if stored is None:
         raise ConfigError(f"{path} holds no model_config: it is not a checkpoint written by this train.py")
     want = expected.as_dict()
-    diff = [k for k in want if k in stored and stored[k] != want[k]]
+    diff = [k for k in want if k in stored and stored[k] != want[k] and k not in ignore]
     if diff:
         name = ckpt.get("config", {}).get("model", {}).get("name", "?")
         raise ConfigError(
@@ -231,6 +252,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0
         )
+        self.teacher: mfl.Teacher | None = None  # frozen distillation teacher (set_teacher), not in checkpoints
         self.step = 0
         self.skipped_steps = 0  # steps whose update was skipped (non-finite), over the whole run
         self.consecutive_skips = 0  # ... in a row, up to the current step
@@ -257,6 +279,8 @@ class Trainer:
         for name, value in (("target_model", self.target), ("generator", generator), ("step", self.step)):
             if name in self._call_kwargs:
                 kwargs[name] = value
+        if self.teacher is not None:
+            kwargs["teacher"] = self.teacher
         with self.autocast, mfl.value_checks(False):
             out = self.objective(self.model, x, **kwargs)
         out.loss.backward()
@@ -302,6 +326,79 @@ class Trainer:
         ]
         finite = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()  # one host sync
         return [name for (name, _), ok in zip(named, finite, strict=True) if not ok]
+
+    # -- fine-tuning and distillation ------------------------------------------------------------------------
+    def init_from_fm(self, path: str | os.PathLike, weights: str = "ema") -> Path:
+        """Start from a flow-matching checkpoint of this train.py: u(z, t, t) is the FM network exactly.
+
+        The FM weights (its EMA network by default) go into the model and the EMA, with ``Emb_h`` folded by
+        :func:`~examples.imagenet_dit.dit.flow_matching_init_` (constant ``Emb_h(0)``, zero last-layer weight), so
+        the network equals the FM network at ``r = t`` (and, without decoupled blocks, for every ``r``). The
+        optimizer and the step counter stay fresh. Every rank calls it (FSDP2 scatters the full tensors).
+
+        Args:
+            path: A run directory (its newest intact checkpoint) or a checkpoint file.
+            weights: ``"ema"`` or ``"model"``: which network of the FM checkpoint.
+
+        Returns:
+            The checkpoint file used.
+        """
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        src = resolve_checkpoint(path)
+        ckpt = load_checkpoint_file(src)
+        check_checkpoint_model(ckpt, self.dit_cfg, src, ignore=CONDITIONING_ONLY)
+        net = DiT(self.dit_cfg)  # a plain CPU copy: the fold needs full tensors, whatever the sharding
+        net.load_state_dict(ckpt[weights])
+        state = flow_matching_init_(net).state_dict()
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.module, state, options=opts)
+        set_model_state_dict(self.ema.module, state, options=opts)
+        self.ema.n_averaged.zero_()  # the EMA restarts from these weights
+        return src
+
+    def set_teacher(
+        self,
+        path: str | os.PathLike,
+        weights: str = "ema",
+        guidance_scale: float = 1.0,
+        interval: tuple[float, float] = (0.0, 1.0),
+    ) -> mfl.Teacher:
+        """Load a frozen teacher from a checkpoint of this train.py (any DiT size of the same latents and classes).
+
+        The teacher is a full copy on every rank, in eval mode, without gradients and outside DDP / FSDP2; the
+        objective calls it without gradient at ``(z_t, t, t)``, with classifier-free guidance of its own when
+        ``guidance_scale != 1`` (the null class as the unconditional branch).
+
+        Raises:
+            ConfigError: The objective takes no ``teacher=``, or the teacher's latents or classes differ.
+        """
+        if "teacher" not in self._call_kwargs:
+            raise ConfigError(
+                f"train.teacher_checkpoint is set but {type(self.objective).__name__} takes no teacher= at call time"
+            )
+        src = resolve_checkpoint(path)
+        ckpt = load_checkpoint_file(src)
+        stored = ckpt.get("model_config")
+        if stored is None:
+            raise ConfigError(f"{src} holds no model_config: it is not a checkpoint written by this train.py")
+        fields = set(DiTConfig.__dataclass_fields__)
+        teacher_cfg = DiTConfig(**{k: v for k, v in stored.items() if k in fields})
+        for key in ("input_size", "in_channels", "num_classes"):
+            have, want = getattr(teacher_cfg, key), getattr(self.dit_cfg, key)
+            if have != want:
+                raise ConfigError(f"teacher {str(src)!r} has {key} = {have}, but the data needs {want}")
+        net = DiT(teacher_cfg)
+        net.load_state_dict(ckpt[weights])
+        net.requires_grad_(False).eval().to(self.info.device)
+        null = null_class_condition(teacher_cfg.num_classes) if guidance_scale != 1.0 else None
+        self.teacher = mfl.Teacher(
+            mfl.adapters.from_interval_net(net),
+            guidance_scale=float(guidance_scale),
+            interval=(float(interval[0]), float(interval[1])),
+            null_condition=null,
+        )
+        return self.teacher
 
     # -- state ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -414,6 +511,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="save and exit once this step is reached (the schedule still spans train.steps)",
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument(
+        "--init-from-fm",
+        default=None,
+        metavar="PATH",
+        help="start a fine-tuning from a flow-matching run or checkpoint (sets train.init_from_fm)",
+    )
+    p.add_argument(
+        "--teacher",
+        default=None,
+        metavar="PATH",
+        help="distil from a frozen flow-matching run or checkpoint (sets train.teacher_checkpoint)",
+    )
     return p.parse_args(argv)
 
 
@@ -427,11 +536,21 @@ class _StopFlag:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.init_from_fm:
+        overrides.append(f"train.init_from_fm={json.dumps(str(args.init_from_fm))}")
+    if args.teacher:
+        overrides.append(f"train.teacher_checkpoint={json.dumps(str(args.teacher))}")
+    cfg = load_config(args.config, overrides)
     if args.data:
         cfg.data.latents = args.data
     if not cfg.data.latents:
         raise ConfigError("no latent directory: pass --data or set data.latents")
+    flags = {"init_from_fm": "--init-from-fm", "teacher_checkpoint": "--teacher"}
+    for key in cfg.train.requires:
+        if not getattr(cfg.train, key):
+            hint = f" (or pass {flags[key]})" if key in flags else ""
+            raise ConfigError(f"config {args.config} needs train.{key}: set it{hint}")
     info = setup_distributed(args.device)
     try:
         return _train(cfg, args, info)
@@ -513,8 +632,29 @@ def _train(cfg: Config, args: argparse.Namespace, info: DistInfo) -> dict:
         del ckpt
         if info.is_main:
             print(f"[train] initialised model and EMA from {src}; starting at step {trainer.step}")
+    elif cfg.train.init_from_fm:
+        src = trainer.init_from_fm(cfg.train.init_from_fm, cfg.train.init_from_fm_weights)
+        if info.is_main:
+            print(
+                f"[train] initialised model and EMA from the flow-matching checkpoint {src} "
+                f"({cfg.train.init_from_fm_weights} weights, Emb_h folded); starting at step 0"
+            )
     elif args.resume and info.is_main:
         print(f"[train] --resume: no checkpoint in {run_dir}, starting from step 0")
+    if cfg.train.teacher_checkpoint:
+        trainer.set_teacher(
+            cfg.train.teacher_checkpoint,
+            cfg.train.teacher_weights,
+            cfg.train.teacher_guidance_scale,
+            cfg.train.teacher_guidance_interval,
+        )
+        if info.is_main:
+            lo, hi = cfg.train.teacher_guidance_interval
+            print(
+                f"[train] distilling from the frozen teacher {cfg.train.teacher_checkpoint} "
+                f"({cfg.train.teacher_weights} weights, guidance scale {cfg.train.teacher_guidance_scale:g} "
+                f"on t in [{lo:g}, {hi:g}])"
+            )
 
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

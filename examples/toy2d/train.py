@@ -37,6 +37,7 @@ from examples.toy2d import datasets, figures
 from examples.toy2d.metrics import energy_distance, sliced_w2
 from examples.toy2d.nets import ACTIVATIONS, ARCHS, VelocityMLP
 from examples.toy2d.registry import METHODS, MethodSpec, MethodUnavailable, build_objective, get_method, need
+from meanflow_losses.couplings import minibatch_ot
 
 __all__ = ["RANGES", "ResumeError", "TrainConfig", "config_from_argv", "evaluate", "main", "ot_pair", "train"]
 
@@ -45,7 +46,7 @@ EVAL_SEED = 1_000_003  # the evaluation draws (targets, noise) are the same for 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 EQUAL_DRAWS = ("pair", "single")
 TANGENTS = ("conditional", "model")
-COUPLINGS = ("independent", "ot")
+COUPLINGS = ("independent", "ot", "reflow")
 
 #: Valid values of every numeric option of :class:`TrainConfig`: the command line's argparse types (a value out
 #: of range is a usage error naming the option), also checked when a config is built in Python.
@@ -66,6 +67,8 @@ RANGES: dict[str, Range] = {
     "weight_c": Range(float, 0, lo_open=True),
     "aux_weight": Range(float, 0),
     "ot_block": Range(int, 1),
+    "reflow_pool": Range(int, 1),
+    "reflow_steps": Range(int, 1),
     "alpha_start": Range(float, 0, 1),
     "alpha_end": Range(float, 0, 1),
     "alpha_gamma": Range(float, 0, lo_open=True),
@@ -158,6 +161,12 @@ class TrainConfig:
     aux_weight: float = 0.0  # iMF auxiliary instantaneous-velocity loss weight (0: off)
     coupling: str = "independent"  # independent | ot (minibatch optimal transport pairing of noise and data)
     ot_block: int = 256  # OT pairing within blocks of this many rows
+    reflow_from: str | None = None  # checkpoint.pt of the teacher whose ODE endpoints make the pairs (coupling reflow)
+    reflow_pool: int = 32768  # reflow pairs computed once at the start; batches are drawn from them
+    reflow_steps: int = 100  # Euler steps of the teacher's ODE per pair
+    # starting from a pretrained network
+    init_from: str | None = None  # checkpoint.pt whose network (its EMA when saved) initialises the model
+    teacher: str | None = None  # checkpoint.pt of a frozen teacher: its velocity replaces e - x (distillation)
     # alpha-Flow: sigmoid curriculum from alpha = 1 at alpha_start * steps to 0 at alpha_end * steps
     alpha_start: float = 0.0
     alpha_end: float = 1.0
@@ -206,6 +215,13 @@ class TrainConfig:
         if self.alpha_start > self.alpha_end:
             raise ConfigError(f"need alpha_start <= alpha_end, got {self.alpha_start}, {self.alpha_end}",
                               ("alpha_start", "alpha_end"))
+        if self.coupling == "reflow" and not self.reflow_from:
+            raise ConfigError("coupling reflow needs reflow_from, the checkpoint.pt of the teacher whose ODE makes "
+                              "the pairs", ("coupling", "reflow_from"))
+        for name in ("init_from", "teacher", "reflow_from"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"{name}={path!r} is not a file (expected a checkpoint.pt of a toy run)", (name,))
         if len(set(self.eval_steps)) != len(self.eval_steps):
             raise ConfigError(f"eval_steps must not repeat a step count, got {self.eval_steps}", ("eval_steps",))
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
@@ -240,6 +256,8 @@ class TrainConfig:
             **{name: (self.is_conditional, *conditional) for name in ("omega", "kappa", "drop_prob",
                                                                        "guidance_interval")},
             "ot_block": (self.coupling == "ot", f"--coupling {self.coupling}", "--coupling ot"),
+            **{name: (self.coupling == "reflow", f"--coupling {self.coupling}", "--coupling reflow")
+               for name in ("reflow_from", "reflow_pool", "reflow_steps")},
             "conflict_batch": (probe, "--conflict-every 0", "--conflict-every > 0"),
             "time_mean": (self.time_dist == "logit_normal", f"--time-dist {self.time_dist}",
                           "--time-dist logit_normal"),
@@ -440,6 +458,10 @@ def ot_pair(x: torch.Tensor, noise: torch.Tensor, block: int, labels: torch.Tens
     transport (squared Euclidean) partner of row ``i`` of ``x`` (minibatch OT coupling: Tong et al. 2023,
     Pooladian et al. 2023).
 
+    A thin wrapper of the package's :func:`meanflow_losses.couplings.minibatch_ot` (blocks of consecutive rows of
+    each class, no generator; scipy's ``linear_sum_assignment`` when scipy is installed, else the package's own
+    exact solver), kept as the trainer's one call site so that tests can spy on it.
+
     The noise rows are only permuted, so every row's noise is still a standard normal draw. With ``labels`` the
     pairing stays within each class (blocks of one class's rows), so that the noise given to a class is still
     standard normal too: pairing across classes would hand each class the part of the Gaussian nearest to its
@@ -457,24 +479,62 @@ def ot_pair(x: torch.Tensor, noise: torch.Tensor, block: int, labels: torch.Tens
     Raises:
         ValueError: ``noise`` or ``labels`` does not match ``x``, or ``block < 1``.
     """
-    from scipy.optimize import linear_sum_assignment
+    return minibatch_ot(x, noise, labels=labels, block=block)
 
-    if noise.shape != x.shape:
-        raise ValueError(f"noise must have the shape of x {tuple(x.shape)}, got {tuple(noise.shape)}")
-    if block < 1:
-        raise ValueError(f"block must be >= 1, got {block}")
-    if labels is not None and labels.shape != x.shape[:1]:
-        raise ValueError(f"labels must have shape {tuple(x.shape[:1])}, got {tuple(labels.shape)}")
-    flat_x, flat_n = x.detach().flatten(1).double().cpu(), noise.detach().flatten(1).double().cpu()
-    groups = [torch.arange(x.shape[0])] if labels is None else [
-        (labels.cpu() == c).nonzero().flatten() for c in labels.cpu().unique()]
-    order = torch.arange(x.shape[0])
-    for rows_of_group in groups:
-        for i in range(0, rows_of_group.numel(), block):
-            idx = rows_of_group[i:i + block]
-            rows, cols = linear_sum_assignment(torch.cdist(flat_x[idx], flat_n[idx]).square().numpy())
-            order[idx[torch.as_tensor(rows)]] = idx[torch.as_tensor(cols)]
-    return noise[order.to(noise.device)]
+
+def load_network(path: str, cfg: TrainConfig | None = None) -> torch.nn.Module:
+    """The network of a toy run's ``checkpoint.pt`` (its EMA when saved), built from the run's own options.
+
+    Args:
+        path: The checkpoint.
+        cfg: When given, the network must have ``cfg``'s architecture (for initialising ``cfg``'s model).
+
+    Raises:
+        ConfigError: ``cfg``'s architecture differs from the checkpoint's.
+    """
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    arch = ("width", "depth", "emb_dim", "max_freq", "act", "arch", "conditional", "dataset")
+    own = TrainConfig(**{k: v for k, v in saved["config"].items() if k in names and k in arch})
+    if cfg is not None:
+        differ = {k: (getattr(own, k), getattr(cfg, k)) for k in arch if k not in ("dataset", "conditional")
+                  and getattr(own, k) != getattr(cfg, k)} | ({"num_classes": (own.num_classes, cfg.num_classes)}
+                                                             if own.num_classes != cfg.num_classes else {})
+        if differ:
+            raise ConfigError(f"{path} holds another architecture: " + "; ".join(
+                f"{k} {a!r} there, {b!r} here" for k, (a, b) in differ.items()), ("init_from",))
+    net = build_model(own)
+    net.load_state_dict(saved["ema"] if saved.get("ema") is not None else saved["model"])
+    return net
+
+
+def load_teacher(path: str, cfg: TrainConfig) -> torch.nn.Module:
+    """A frozen teacher (eval mode, no gradient) from a toy run's checkpoint, conditioned like ``cfg``'s model."""
+    net = load_network(path)
+    if net.num_classes != cfg.num_classes:
+        raise ConfigError(f"{path} holds a network with {net.num_classes} classes, this run has {cfg.num_classes}",
+                          ("teacher",))
+    return net.eval().requires_grad_(False)
+
+
+class ReflowPool:
+    """``cfg.reflow_pool`` noise rows and the data endpoints of the teacher's ODE (Re-MeanFlow-style pairs),
+    computed once by :func:`meanflow_losses.couplings.reflow_pairs`; batches are drawn from them with the
+    training generator. Deterministic in ``cfg.seed`` (a resumed run rebuilds the same pool)."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        teacher = load_teacher(cfg.reflow_from, cfg)  # type: ignore[arg-type]
+        g = torch.Generator().manual_seed(cfg.seed + 7919)
+        self.noise = torch.randn(cfg.reflow_pool, 2, generator=g)
+        self.y = datasets.sample(cfg.dataset, cfg.reflow_pool, g)[1]
+        kw = _conditioning(cfg, self.y)
+        self.x = mfl.couplings.reflow_pairs(teacher, self.noise, steps=cfg.reflow_steps, model_kwargs=kw,
+                                            chunk_size=8192)
+
+    def batch(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x, y, noise)`` of ``n`` pairs drawn with replacement."""
+        idx = torch.randint(self.noise.shape[0], (n,), generator=g)
+        return self.x[idx], self.y[idx], self.noise[idx]
 
 
 def coupled_noise(cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> torch.Tensor | None:
@@ -490,7 +550,7 @@ def coupled_noise(cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, g: torch.G
     Returns:
         Noise ``(B, 2)`` or ``None``.
     """
-    if cfg.coupling == "independent":
+    if cfg.coupling in ("independent", "reflow"):  # reflow pairs come from ReflowPool.batch
         return None
     return ot_pair(x, torch.randn(x.shape, generator=g), cfg.ot_block, y if cfg.num_classes else None)
 
@@ -526,6 +586,10 @@ def train(cfg: TrainConfig, reuse: bool = False, resume: bool = False) -> dict[s
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     model = build_model(cfg)
+    if cfg.init_from:
+        model.load_state_dict(load_network(cfg.init_from, cfg).state_dict())
+    teacher = load_teacher(cfg.teacher, cfg) if cfg.teacher else None
+    pool = ReflowPool(cfg) if cfg.coupling == "reflow" else None
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema)) if cfg.ema > 0 else None
@@ -555,9 +619,13 @@ def train(cfg: TrainConfig, reuse: bool = False, resume: bool = False) -> dict[s
     bar = tqdm(range(start, cfg.steps), desc=f"{cfg.method}/{cfg.dataset} seed {cfg.seed}", initial=start,
                total=cfg.steps, disable=not cfg.progress, mininterval=0.5, leave=False, file=sys.stderr)
     for step in bar:
-        x, y = datasets.sample(cfg.dataset, cfg.batch, g)
-        noise = coupled_noise(cfg, x, y, g)
-        out = objective(model, x, model_kwargs=_conditioning(cfg, y), generator=g, step=step, noise=noise)
+        if pool is not None:
+            x, y, noise = pool.batch(cfg.batch, g)
+        else:
+            x, y = datasets.sample(cfg.dataset, cfg.batch, g)
+            noise = coupled_noise(cfg, x, y, g)
+        extra = {} if teacher is None else {"teacher": teacher}
+        out = objective(model, x, model_kwargs=_conditioning(cfg, y), generator=g, step=step, noise=noise, **extra)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         if cfg.grad_clip > 0:
@@ -817,8 +885,15 @@ HELP: dict[str, str] = {
     "depth": "hidden layers of the MLP",
     "emb_dim": "width of each sinusoidal time embedding",
     "max_freq": "highest angular frequency of the time embeddings (keep it low for JVP objectives)",
-    "coupling": "noise-data pairing: independent, or ot (minibatch optimal transport; needs scipy)",
+    "coupling": "noise-data pairing: independent, or ot (exact minibatch optimal transport; scipy when installed)",
     "ot_block": "rows per optimal-transport assignment (coupling ot)",
+    "reflow_from": "coupling reflow: checkpoint.pt of the teacher whose ODE endpoints pair with the noise",
+    "reflow_pool": "coupling reflow: number of (teacher endpoint, noise) pairs computed at the start",
+    "reflow_steps": "coupling reflow: Euler steps of the teacher's ODE",
+    "init_from": "checkpoint.pt of a toy run (e.g. flow matching) whose network, its EMA when saved, initialises "
+                 "the model (same --width/--depth/--emb-dim/--arch/--act)",
+    "teacher": "checkpoint.pt of a toy run used as a frozen teacher: its velocity at (z_t, t) replaces e - x in "
+               "the target and the JVP tangent (distillation)",
     "act": "activation of the network: silu, gelu or relu",
     "arch": "network: plain MLP or residual (pre-norm blocks that each see the time embeddings)",
     "eval_points": "generated and target points of the evaluation",
@@ -845,6 +920,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="continue the run whose checkpoint.pt is in --out (written every --checkpoint-every steps "
                         "and at the end) exactly where it stopped; options not given are the checkpoint's, a "
                         "training option that differs from it is refused")
+    p.add_argument("--recipe", choices=sorted(mfl.presets.RECIPES),
+                   help="start from a named recipe's times, weighting and reduction (mfl.presets.RECIPES: imagenet = "
+                        "the papers' defaults, small_data = this study's); options given explicitly override it")
     return p
 
 
@@ -870,10 +948,13 @@ def config_from_argv(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
     parser = _parser()
     given = cli.parse_explicit(parser, argv)
     resume = given.pop("resume", False)
+    recipe = given.pop("recipe", None)
     try:
-        options = {"out": default_out(given.get("method", TrainConfig.method),
-                                      given.get("dataset", TrainConfig.dataset), given.get("seed", TrainConfig.seed)),
-                   **given}
+        method = given.get("method", TrainConfig.method)
+        from_recipe = {} if recipe is None else mfl.presets.RECIPES[recipe].flat_options(
+            {"fm": "flow_matching", "alphaflow": "alphaflow"}.get(method, "meanflow"))
+        options = {"out": default_out(method, given.get("dataset", TrainConfig.dataset),
+                                      given.get("seed", TrainConfig.seed)), **from_recipe, **given}
         if resume:
             options = {**saved_options(options["out"]), **options}
         cfg = TrainConfig(**options)

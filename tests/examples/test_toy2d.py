@@ -388,6 +388,27 @@ def test_ot_pair_errors_name_the_argument():
     assert ot_pair(images, torch.randn(6, 1, 2, 2), block=6).shape == (6, 1, 2, 2)
 
 
+def test_ot_pair_is_the_package_coupling_in_consecutive_blocks():
+    from examples.toy2d.train import ot_pair
+    from meanflow_losses.couplings import linear_assignment, minibatch_ot
+
+    g = torch.Generator().manual_seed(5)
+    x, noise = torch.randn(70, 2, generator=g), torch.randn(70, 2, generator=g)
+    labels = torch.randint(0, 3, (70,), generator=g)
+    for lab in (None, labels):
+        paired = ot_pair(x, noise, block=16, labels=lab)
+        assert torch.equal(paired, minibatch_ot(x, noise, labels=lab, block=16))
+        # the historical pairing: per class (sorted labels), consecutive blocks, each solved on cdist(...)^2
+        groups = [torch.arange(70)] if lab is None else [(lab == c).nonzero().flatten() for c in lab.unique()]
+        order = torch.arange(70)
+        for rows in groups:
+            for i in range(0, rows.numel(), 16):
+                idx = rows[i:i + 16]
+                cost = torch.cdist(x[idx].double(), noise[idx].double()).square()
+                order[idx] = idx[torch.from_numpy(linear_assignment(cost.numpy()))]
+        assert torch.equal(paired, noise[order])
+
+
 # --- command line: ranges, choices, options without effect, config conflicts --------------------------------------
 
 SMALL_ARGV = ["--batch", "64", "--width", "32", "--depth", "2", "--emb-dim", "8", "--eval-points", "256",
@@ -508,7 +529,7 @@ def test_every_cli_option_has_help_and_a_range_or_choices(capsys):
             continue
         assert action.help, action.option_strings
         takes_value = not isinstance(action, argparse.BooleanOptionalAction | argparse._StoreTrueAction)
-        if takes_value and action.dest != "out":
+        if takes_value and action.dest not in ("out", "init_from", "teacher", "reflow_from"):  # paths
             assert action.choices or isinstance(action.type, Range), action.option_strings
     numeric = {f.name for f in dataclasses.fields(TrainConfig) if str(f.type).split("[")[0].split(" ")[0]
                in ("int", "float", "tuple")}
