@@ -38,7 +38,8 @@ OBJECTIVES: dict[str, type] = {
 }
 
 #: Names of the recipes :func:`make_objective` accepts (:data:`meanflow_losses.presets.RECIPES`).
-RECIPE_NAMES: tuple[str, ...] = ("imagenet", "small_data")  # pinned to presets.RECIPES by tests/test_official_samplers.py
+#: Pinned to presets.RECIPES by tests/test_official_samplers.py.
+RECIPE_NAMES: tuple[str, ...] = ("imagenet", "small_data")
 
 _ALIASES: dict[str, str] = {
     "fm": "flow_matching",
