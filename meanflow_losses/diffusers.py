@@ -27,8 +27,11 @@ adds such an embedding, zero-initialised, to a pretrained flow-matching ``UNet2D
 equals the pretrained one exactly at initialisation (a starting point for MeanFlow fine-tuning). The DiT and SD3
 transformers have no spare embedding: ``interval="auto"`` gives a velocity-only adapter (``ignores_r = True``: flow
 matching, teachers, samplers at ``r = t``; MeanFlow-type objectives refuse it on ``r != t`` rows), and
-``interval="class_embedding"`` is an error; give such a model an interval input with a zero-initialised interval
-embedding of your own.
+``interval="class_embedding"`` is an error. :func:`with_interval_embedding` gives a copy of such a transformer an
+interval embedding :math:`E_h` (the model's own sinusoidal projection and a copy of its timestep MLP, last layer
+zero) added to the output of every timestep embedding (``CombinedTimestepLabelEmbeddings`` of each DiT block,
+``CombinedTimestepTextProjEmbeddings`` of SD3); ``interval="auto"`` then routes ``h`` there
+(``"added_embedding"``), and the copy called directly, as diffusers does, is the model at ``r = t``.
 
 **Conditioning** travels in ``model_kwargs`` under the model's own argument names (``class_labels``,
 ``encoder_hidden_states``, ``pooled_projections``, ``joint_attention_kwargs``, ``cross_attention_kwargs``);
@@ -60,13 +63,56 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["DiffusersAdapter", "from_diffusers", "with_interval_embedding"]
 
-Interval = Literal["auto", "class_embedding"]
+Interval = Literal["auto", "class_embedding", "added_embedding"]
 Output = Literal["auto", "all", "first_half"]
 
 _KINDS = ("UNet2DModel", "DiTTransformer2DModel", "SD3Transformer2DModel")
 _NOT_VELOCITY = ("epsilon", "v_prediction", "sample")
 _ALIASES = {"y": "class_labels"}
 _RESERVED = frozenset({"timestep", "return_dict", "sample", "hidden_states"})
+#: The modules of the transformers that embed the timestep (with the labels / the pooled text): the interval
+#: embedding added by :func:`with_interval_embedding` is added to their output.
+_TIME_EMBEDDINGS = {
+    "DiTTransformer2DModel": "CombinedTimestepLabelEmbeddings",
+    "SD3Transformer2DModel": "CombinedTimestepTextProjEmbeddings",
+}
+_INTERVAL_ATTR = "mfl_interval_embedder"  # the added module's name inside a transformer copy
+
+
+class _IntervalEmbedding(nn.Module):
+    """:math:`E_h`: the model's own sinusoidal projection and a copy of its timestep MLP, last layer zero."""
+
+    def __init__(self, time_proj: nn.Module, timestep_embedder: nn.Module) -> None:
+        super().__init__()
+        self.time_proj = copy.deepcopy(time_proj)
+        self.timestep_embedder = copy.deepcopy(timestep_embedder)
+        with torch.no_grad():
+            last = self.timestep_embedder.linear_2
+            last.weight.zero_()
+            if last.bias is not None:
+                last.bias.zero_()
+
+    def forward(self, h: Tensor, dtype: torch.dtype) -> Tensor:
+        """Embed the (scaled) intervals ``h`` ``(B,)`` into ``(B, D)``."""
+        return self.timestep_embedder(self.time_proj(h).to(dtype))
+
+
+class _AddIntervalEmbedding:
+    """Forward hook on a transformer's timestep embedding: adds :math:`E_h(h)` of the call in progress.
+
+    A callable object (not a closure), so that a deep copy of the model (EMA) hooks the copy's embedder. Outside an
+    adapter call (the model called directly, as diffusers does) ``h = 0``: the model at ``r = t``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, module: nn.Module, args: Any, output: Tensor) -> Tensor:
+        h = self.model.__dict__.get("_mfl_h")
+        if h is None:
+            h = torch.zeros(output.shape[0], device=output.device)
+        embedder = getattr(self.model, _INTERVAL_ATTR)
+        return output + embedder(h, output.dtype).to(output.dtype)
 
 
 def _kind(net: Any) -> str:
@@ -183,8 +229,14 @@ class DiffusersAdapter(_SharedNamesAdapter):
                 }.get(emb_type, "not a sinusoidal embedding of a continuous timestep")
                 raise ValueError(f"UNet2DModel with time_embedding_type={emb_type!r} is not supported: {why}")
         has_spare = kind == "UNet2DModel" and cfg.get("class_embed_type") == "timestep"
+        has_added = hasattr(net, _INTERVAL_ATTR)
         if interval == "auto":
-            interval = "class_embedding" if has_spare else None
+            interval = "class_embedding" if has_spare else "added_embedding" if has_added else None
+        if interval == "added_embedding" and not has_added:
+            raise ValueError(
+                f"interval='added_embedding' needs a model made by with_interval_embedding({kind}); this one has no "
+                "interval embedding"
+            )
         if interval == "class_embedding" and not has_spare:
             where = (
                 f"its class_embed_type is {cfg.get('class_embed_type')!r}"
@@ -197,8 +249,10 @@ class DiffusersAdapter(_SharedNamesAdapter):
                 "with_interval_embedding(unet) adds a zero-initialised interval embedding; for a transformer, add a "
                 "zero-initialised interval embedding beside its time embedding"
             )
-        if interval not in ("class_embedding", None):
-            raise ValueError(f"interval must be 'auto', 'class_embedding' or None, got {interval!r}")
+        if interval not in ("class_embedding", "added_embedding", None):
+            raise ValueError(
+                f"interval must be 'auto', 'class_embedding', 'added_embedding' or None, got {interval!r}"
+            )
         c_in, c_out = _channels(net)
         if output == "auto":
             if c_out == c_in:
@@ -257,7 +311,16 @@ class DiffusersAdapter(_SharedNamesAdapter):
         if self.interval == "class_embedding":
             assert self.interval_scale is not None
             kw["class_labels"] = (t - r) * self.interval_scale
-        out = self.net(z, timestep=t * self.timestep_scale, return_dict=False, **kw)[0]
+        if self.interval == "added_embedding":  # read by the hooks of with_interval_embedding (h from r, t here)
+            assert self.interval_scale is not None
+            outer = self.net.__dict__.get("_mfl_h")
+            self.net.__dict__["_mfl_h"] = (t - r) * self.interval_scale
+            try:
+                out = self.net(z, timestep=t * self.timestep_scale, return_dict=False, **kw)[0]
+            finally:
+                self.net.__dict__["_mfl_h"] = outer
+        else:
+            out = self.net(z, timestep=t * self.timestep_scale, return_dict=False, **kw)[0]
         if self.output == "first_half":
             out = out[:, : z.shape[1]]
         return check_model_output(out, z, who=f"from_diffusers({self.kind})")
@@ -295,7 +358,9 @@ def from_diffusers(
         prediction: ``"velocity"`` (:math:`e - x`). DDPM parametrisations (``"epsilon"``, ``"v_prediction"``,
             ``"sample"``) are refused with the reason.
         interval: ``"auto"``: route ``h = t - r`` to ``class_labels`` of a ``UNet2DModel`` with
-            ``class_embed_type="timestep"``, else velocity-only; ``"class_embedding"``: require that route;
+            ``class_embed_type="timestep"``, or to the interval embedding of a transformer made by
+            :func:`with_interval_embedding` (``"added_embedding"``), else velocity-only; ``"class_embedding"`` /
+            ``"added_embedding"``: require that route;
             ``None``: velocity-only (``ignores_r = True``; flow matching, teachers).
         interval_scale: ``class_labels = interval_scale * h`` (default ``timestep_scale``).
         output: ``"auto"``, ``"all"`` or ``"first_half"`` (velocity + learned variance heads).
@@ -326,7 +391,15 @@ def from_diffusers(
 
 
 def with_interval_embedding(unet: UNet2DModel) -> UNet2DModel:
-    r"""A copy of a flow-matching ``UNet2DModel`` with a zero-initialised interval embedding (MeanFlow fine-tuning).
+    r"""A copy of a flow-matching diffusers model with a zero-initialised interval embedding (MeanFlow fine-tuning).
+
+    ``DiTTransformer2DModel`` and ``SD3Transformer2DModel``: the copy gets a module ``mfl_interval_embedder``
+    (:math:`E_h`: the model's sinusoidal projection and a copy of its timestep MLP with the last linear layer zero)
+    whose output :math:`E_h(s_h\,h)` forward hooks add to every timestep embedding of the model, so the copy equals
+    the original for every ``(r, t)`` at initialisation; its ``state_dict()`` holds the new keys under
+    ``mfl_interval_embedder.`` (save it with ``torch.save(model.state_dict())``: diffusers' ``from_pretrained``
+    does not know the module). Wrapped by :func:`from_diffusers`, ``h = t - r`` reaches the hooks; called
+    directly, the copy uses ``h = 0``. ``UNet2DModel``:
 
     The copy has ``class_embed_type="timestep"``: a new ``TimestepEmbedding`` MLP of ``class_labels`` whose last
     linear layer is zero, so :math:`\mathrm{emb} = \mathrm{emb}_t + 0` and, wrapped by :func:`from_diffusers`, the
@@ -334,13 +407,17 @@ def with_interval_embedding(unet: UNet2DModel) -> UNet2DModel:
     ``class_embedding.*``). Gradients reach the new layer from the first step (its input is non-zero).
 
     Args:
-        unet: A ``UNet2DModel`` without class embedding (``class_embed_type=None``, ``num_class_embeds=None``).
+        unet: A ``UNet2DModel`` without class embedding (``class_embed_type=None``, ``num_class_embeds=None``), or a
+            ``DiTTransformer2DModel`` / ``SD3Transformer2DModel`` without an added interval embedding.
 
     Returns:
-        A new ``UNet2DModel`` on ``unet``'s device and dtype, in ``unet``'s train/eval mode.
+        A new model on ``unet``'s device and dtype, in ``unet``'s train/eval mode.
     """
-    if _kind(unet) != "UNet2DModel":
-        raise TypeError(f"with_interval_embedding needs a UNet2DModel, got {type(unet).__name__}")
+    kind = _kind(unet)
+    if kind in _TIME_EMBEDDINGS:
+        return _transformer_with_interval_embedding(unet, kind)
+    if kind != "UNet2DModel":
+        raise TypeError(f"with_interval_embedding needs a UNet2DModel or a transformer, got {type(unet).__name__}")
     cfg = dict(unet.config)
     if cfg.get("class_embed_type") is not None or cfg.get("num_class_embeds") is not None:
         raise ValueError(
@@ -360,3 +437,19 @@ def with_interval_embedding(unet: UNet2DModel) -> UNet2DModel:
         if last.bias is not None:
             last.bias.zero_()
     return new.train(unet.training)
+
+
+def _transformer_with_interval_embedding(net: nn.Module, kind: str) -> nn.Module:
+    """A copy of a DiT / SD3 transformer whose timestep embeddings get :math:`E_h(h)` added (zero at init)."""
+    if hasattr(net, _INTERVAL_ATTR):
+        raise ValueError(f"this {kind} already has an interval embedding (with_interval_embedding was applied)")
+    new = copy.deepcopy(net)
+    targets = [m for m in new.modules() if type(m).__name__ == _TIME_EMBEDDINGS[kind]]
+    if not targets:
+        raise ValueError(f"{kind} has no {_TIME_EMBEDDINGS[kind]} module to add the interval embedding to")
+    first = targets[0]
+    new.add_module(_INTERVAL_ATTR, _IntervalEmbedding(first.time_proj, first.timestep_embedder))
+    hook = _AddIntervalEmbedding(new)
+    for m in targets:
+        m.register_forward_hook(hook)
+    return new

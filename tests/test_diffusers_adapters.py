@@ -430,3 +430,58 @@ def test_time_scale_benchmark_runs_tiny():
     res = time_scale.main(["--tiny", "--models", "dit"])
     assert res["dit@1000"]["init"]["dudt/u"] > 5 * res["dit@1"]["init"]["dudt/u"]
     assert "high_frequency_time" in res["dit@1000"]["init"]["warn"] and not res["dit@1"]["init"]["warn"]
+
+
+# ------------------------------------------------------------------------------ transformers with an added interval
+@pytest.mark.parametrize("name", ["dit", "sd3"])
+def test_transformer_with_interval_embedding_starts_from_the_fm_model_and_trains_under_meanflow(name):
+    """A DiT / SD3 copy with a zero-initialised E_h added to every timestep embedding: equal to the FM model for
+    every (r, t) at init, r-dependent once E_h moves, MeanFlow trains it and gradients reach E_h."""
+    build, shape, kw = CASES[name]
+    fm = build()
+    mf_net = with_interval_embedding(fm)
+    added = set(mf_net.state_dict()) - set(fm.state_dict())
+    assert added and all(k.startswith("mfl_interval_embedder.") for k in added)
+    fm_model, mf_model = from_diffusers(fm), from_diffusers(mf_net)
+    assert mf_model.interval == "added_embedding" and not mf_model.ignores_r and fm_model.ignores_r
+    x, e, t, r = _draws(shape)
+    z = _z(x, e, t)
+    with torch.no_grad():
+        assert torch.equal(mf_model(z, r, t, **kw), fm_model(z, t, t, **kw))
+        assert torch.equal(_raw(mf_net, z, t, **kw), _raw(fm, z, t, **kw))  # diffusers' own call: r = t
+    objective = mfl.MeanFlowLoss(times=mfl.TimePairSampler("uniform", equal_fraction=0.5), runtime_checks=False)
+    opt = torch.optim.Adam(mf_model.parameters(), lr=1e-2)
+    kw2 = {k: torch.cat([v, v]) for k, v in kw.items()}
+    for _ in range(2):
+        out = objective(mf_model, torch.randn(2 * B, *shape), model_kwargs=kw2)
+        opt.zero_grad()
+        out.loss.backward()
+        assert bool(torch.isfinite(out.loss))
+        assert float(mf_net.mfl_interval_embedder.timestep_embedder.linear_2.weight.grad.abs().sum()) > 0
+        opt.step()
+    with torch.no_grad():
+        assert not torch.allclose(mf_model(z, r, t, **kw), mf_model(z, t, t, **kw))  # now r matters
+        bare = _raw(mf_net, z, t, **kw)[:, : shape[0]]  # diffusers' own call (velocity half of a DiT's head)
+        assert torch.equal(mf_model(z, t, t, **kw), bare)  # a bare call is the model at r = t
+        ema = copy.deepcopy(mf_model)  # the copy's hooks read the copy's interval, not the original's
+        assert torch.equal(ema(z, r, t, **kw), mf_model(z, r, t, **kw))
+    with pytest.raises(ValueError, match="already has an interval embedding"):
+        with_interval_embedding(mf_net)
+    with pytest.raises(ValueError, match="needs a model made by with_interval_embedding"):
+        from_diffusers(fm, interval="added_embedding")
+
+
+def test_transformer_interval_embedding_jvp_matches_a_float64_finite_difference(float64_time_projection):
+    build, shape, kw = CASES["dit"]
+    mf_net = with_interval_embedding(build())
+    with torch.no_grad():
+        for p in mf_net.mfl_interval_embedder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model = from_diffusers(mf_net)
+    x, e, t, r = _draws(shape)
+    z, v = _z(x, e, t), e - x
+    model64 = from_diffusers(copy.deepcopy(mf_net).double())
+    ref = _fd_dudt(model64, z.double(), r.double(), t.double(), v.double(), kw)
+    ad64 = mfl.time_derivative(model64, z.double(), r.double(), t.double(), v.double(), kw).dudt
+    assert _rel(ad64, ref) < 1e-6
+    assert _rel(mfl.time_derivative(model, z, r, t, v, kw).dudt, ref) < 2e-3
