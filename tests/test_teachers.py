@@ -109,3 +109,39 @@ def test_teacher_options_are_checked():
         mfl.FlowMatchingLoss()(MLP(), torch.randn(4, 2), teacher=MLP(), v_target=torch.randn(4, 2))
     with pytest.warns(mfl.MeanFlowWarning, match="train mode"):
         mfl.FlowMatchingLoss()(MLP(), torch.randn(4, 2), teacher=MLP().train())
+
+
+def test_student_guidance_applies_on_top_of_the_teacher():
+    """FM with TrainingGuidance(omega, kappa): v_tgt = omega v_T + kappa u_c + (1 - omega - kappa) u_null."""
+    x = torch.randn(8, 2, dtype=F64)
+    e = torch.randn(8, 2, dtype=F64)
+    t = torch.full((8,), 0.5, dtype=F64)
+    y = torch.arange(8) % 5
+    drop = torch.zeros(8, dtype=torch.bool)
+    omega, kappa = 0.6, 0.3
+    guidance = mfl.TrainingGuidance(omega=omega, kappa=kappa, drop_prob=0.1, null_condition=mfl.null_class(5))
+    student = Known()  # the student's own conditional / null velocities are known too
+    out = mfl.FlowMatchingLoss(guidance=guidance, weighting=mfl.AdaptiveWeight(p=0.0), reduction="sum")(
+        lambda z, r, t_, y: torch.zeros_like(z), x, t=t, noise=e, model_kwargs={"y": y}, drop_mask=drop,
+        teacher=mfl.Teacher(lambda z, r, t_, y: 3.0 * z), target_model=student,
+    )
+    z = 0.5 * x + 0.5 * e
+    want = omega * 3.0 * z + kappa * z * (1 + y)[:, None].to(F64) + (1 - omega - kappa) * 0.5 * z
+    torch.testing.assert_close(out.per_sample, want.square().sum(1))
+
+
+def test_teacher_composes_with_target_model_and_bf16_autocast():
+    torch.manual_seed(0)
+    student, teacher_net = MLP(), MLP().eval()
+    x, e, t, r, _ = _draws(dim=2)
+    x, e, t, r = x.float(), e.float(), t.float(), r.float()
+    loss = mfl.MeanFlowLoss()
+    ref = loss(student, x, t=t, r=r, noise=e, teacher=teacher_net)
+    same = loss(student, x, t=t, r=r, noise=e, teacher=teacher_net, target_model=student)
+    torch.testing.assert_close(same.per_sample, ref.per_sample, rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = loss(student, x, t=t, r=r, noise=e, teacher=teacher_net)
+    assert half.loss.dtype == torch.float32 and bool(torch.isfinite(half.loss))
+    assert abs(float(half.loss) - float(ref.loss)) < 0.05 * float(ref.loss)
+    half.loss.backward()
+    assert all(p.grad is None for p in teacher_net.parameters())

@@ -142,11 +142,27 @@ class DigitsConfig:
 
 
 def _train_generator(cfg: DigitsConfig, objective: Any, steps: int, x: torch.Tensor, y: torch.Tensor,
-                     desc: str) -> tuple[torch.nn.Module, list[float]]:
-    """Adam (warm-up, cosine decay) + EMA on random minibatches; returns the EMA model and the loss curve."""
+                     desc: str, *, init: dict[str, torch.Tensor] | None = None, teacher: torch.nn.Module | None = None,
+                     noise: torch.Tensor | None = None) -> tuple[torch.nn.Module, list[float]]:
+    """Adam (warm-up, cosine decay) + EMA on random minibatches; returns the EMA model and the loss curve.
+
+    Args:
+        cfg: The options (architecture, optimizer, seed).
+        objective: The loss.
+        steps: Training steps.
+        x: Training images ``(N, 1, 8, 8)``.
+        y: Their labels ``(N,)``.
+        desc: Progress-bar label.
+        init: A state dict of the same DiT to start from (e.g. a flow-matching DiT), else a fresh initialisation.
+        teacher: A frozen network passed to the objective as ``teacher=``.
+        noise: Noise rows ``(N, 1, 8, 8)`` paired with ``x`` row by row (e.g. reflow pairs), drawn with them.
+    """
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     model = DiT(width=cfg.width, depth=cfg.depth, heads=cfg.heads, num_classes=NUM_CLASSES, max_freq=cfg.max_freq)
+    if init is not None:
+        model.load_state_dict(init)
+    extra: dict[str, Any] = {} if teacher is None else {"teacher": teacher}
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
 
     def lr_at(k: int) -> float:
@@ -160,7 +176,9 @@ def _train_generator(cfg: DigitsConfig, objective: Any, steps: int, x: torch.Ten
     bar = tqdm(range(steps), desc=desc, disable=not cfg.progress, mininterval=0.5, leave=False, file=sys.stderr)
     for step in bar:
         idx = torch.randint(0, x.shape[0], (cfg.batch,), generator=g)
-        out = objective(model, x[idx], model_kwargs={"y": y[idx]}, generator=g, step=step)
+        if noise is not None:
+            extra["noise"] = noise[idx]
+        out = objective(model, x[idx], model_kwargs={"y": y[idx]}, generator=g, step=step, **extra)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
