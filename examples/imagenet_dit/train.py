@@ -69,6 +69,7 @@ from examples.imagenet_dit.dit_config import (
     Config,
     ConfigError,
     build_objective,
+    list_configs,
     load_config,
     null_class_condition,
 )
@@ -492,7 +493,8 @@ def sample_grid(
 # ------------------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train a DiT with a meanflow_losses objective (torchrun DDP/FSDP2).")
-    p.add_argument("--config", required=True, help="name in configs/ (e.g. meanflow_b2) or a path to a .toml")
+    p.add_argument("--config", required=True,
+                   help=f"a name in configs/ ({', '.join(list_configs())}) or a path to a .toml")
     p.add_argument("--data", default=None, help="latent directory from prepare_latents.py (overrides data.latents)")
     p.add_argument("--run-dir", required=True, help="checkpoints, logs and sample grids go here")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --run-dir")

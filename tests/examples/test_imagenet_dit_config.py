@@ -179,3 +179,13 @@ def test_objective_types_by_package_registry_name(type_name, cls):
         build_objective({"type": "meanflw"}, num_classes=10)
     with pytest.raises(ConfigError, match=r"needs meanflow_losses\.NoSuchLoss"):
         build_objective({"type": "NoSuchLoss"}, num_classes=10)
+
+
+def test_train_help_lists_every_config(capsys):
+    from examples.imagenet_dit import train
+    from examples.imagenet_dit.dit_config import list_configs
+
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert list_configs() and all(name in text for name in list_configs())
