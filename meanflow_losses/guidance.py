@@ -96,6 +96,8 @@ class TrainingGuidance:
             ones of the batch. With ``TimePairSampler(equal_count="truncate", equal_rows="first")``, whose
             ``r = t`` rows come first, only flow-matching rows then lose their condition (while the count does not
             exceed them). With ``drop_only_in_interval`` the first rows are further restricted to the interval.
+            Mind the sampler's row order: the dyadic sampler of Shortcut / SplitMeanFlow puts its consistency rows
+            first, and class-sorted batches would lose whole classes.
         interval_test: ``"inclusive"`` (default; the official MeanFlow JAX code): ``t_min <= t <= t_max``;
             ``"strict"`` (the official alpha-Flow code): ``t_min < t < t_max``. The test decides both the guided
             rows and, with ``drop_only_in_interval``, the rows that may be dropped.
