@@ -41,25 +41,28 @@ from meanflow_losses.model_checks import MeanFlowWarning, RuntimeChecks
 SCALES = (1000.0, 1.0)
 
 
+#: A tiny ``UNet2DModel`` with one attention down and up block (GroupNorm after attention), 3 channels, 8 x 8
+#: (also the tests' tiny UNet).
+TINY_UNET: dict = dict(
+    sample_size=8,
+    in_channels=3,
+    out_channels=3,
+    layers_per_block=1,
+    block_out_channels=(8, 16),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=4,
+    attention_head_dim=8,
+)
+
+
 def build(name: str) -> tuple[nn.Module, int]:
     """A tiny diffusers model and its channel count (seeded)."""
     from diffusers import DiTTransformer2DModel, UNet2DModel
 
     torch.manual_seed(0)
     if name == "unet":
-        net = UNet2DModel(
-            sample_size=8,
-            in_channels=3,
-            out_channels=3,
-            layers_per_block=1,
-            block_out_channels=(8, 16),
-            down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-            up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-            norm_num_groups=4,
-            attention_head_dim=8,
-            class_embed_type="timestep",
-        )
-        return net, 3
+        return UNet2DModel(**TINY_UNET, class_embed_type="timestep"), 3
     net = DiTTransformer2DModel(
         num_attention_heads=2,
         attention_head_dim=8,

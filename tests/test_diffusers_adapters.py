@@ -26,19 +26,10 @@ B = 4
 # ------------------------------------------------------------------------------------------------------ tiny models
 def tiny_unet(**overrides):
     """UNet2DModel with one attention down and up block (GroupNorm after attention), 3 channels, 8 x 8."""
+    from benchmarks.time_scale import TINY_UNET
+
     torch.manual_seed(0)
-    cfg = dict(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        attention_head_dim=8,
-    )
-    cfg.update(overrides)
+    cfg = {**TINY_UNET, **overrides}
     return diffusers.UNet2DModel(**cfg)
 
 
