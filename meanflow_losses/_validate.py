@@ -19,6 +19,7 @@ __all__ = [
     "check_batch",
     "check_bool",
     "check_int",
+    "check_interval",
     "check_model_output",
     "check_real",
     "check_same_shape",
@@ -96,6 +97,22 @@ def check_real(
     if hi is not None and (v > hi or (hi_open and v == hi)):
         raise ValueError(f"{name} must lie in {bounds}, got {value!r}")
     return v
+
+
+def check_interval(name: str, value: Any) -> tuple[float, float]:
+    """A time interval ``(t_min, t_max)`` with ``0 <= t_min <= t_max <= 1``, as a tuple of floats.
+
+    Raises:
+        TypeError: ``value`` is not a pair.
+        ValueError: a bound is not a real number in ``[0, 1]``, or ``t_min > t_max``; the message names ``name``.
+    """
+    if not (isinstance(value, (tuple, list)) and len(value) == 2):
+        raise TypeError(f"{name} must be a pair (t_min, t_max), got {value!r}")
+    lo = check_real(f"{name}[0]", value[0], lo=0.0, hi=1.0)
+    hi = check_real(f"{name}[1]", value[1], lo=0.0, hi=1.0)
+    if lo > hi:
+        raise ValueError(f"{name} must satisfy 0 <= t_min <= t_max <= 1, got {value}")
+    return lo, hi
 
 
 def check_int(name: str, value: Any, *, lo: int | None = None) -> int:

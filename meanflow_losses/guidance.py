@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from meanflow_losses._validate import check_bool, check_int, check_real, compiling
+from meanflow_losses._validate import check_bool, check_int, check_interval, check_real, compiling
 from meanflow_losses.conditioning import Conditioning
 from meanflow_losses.passes import no_grad_call
 from meanflow_losses.teachers import Teacher, teacher_velocity
@@ -116,13 +116,7 @@ class TrainingGuidance:
     def __post_init__(self) -> None:
         check_real("guidance.omega", self.omega)
         check_real("guidance.kappa", self.kappa, hi=1.0, hi_open=True)
-        if not (isinstance(self.interval, (tuple, list)) and len(self.interval) == 2):
-            raise TypeError(f"guidance.interval must be a pair (t_min, t_max), got {self.interval!r}")
-        lo = check_real("guidance.interval[0]", self.interval[0], lo=0.0, hi=1.0)
-        hi = check_real("guidance.interval[1]", self.interval[1], lo=0.0, hi=1.0)
-        if lo > hi:
-            raise ValueError(f"guidance.interval must satisfy 0 <= t_min <= t_max <= 1, got {self.interval}")
-        object.__setattr__(self, "interval", (lo, hi))
+        object.__setattr__(self, "interval", check_interval("guidance.interval", self.interval))
         check_real("guidance.drop_prob", self.drop_prob, lo=0.0, hi=1.0, hi_open=True)
         check_bool("guidance.drop_only_in_interval", self.drop_only_in_interval)
         check_bool("guidance.guide_dropped_rows", self.guide_dropped_rows)

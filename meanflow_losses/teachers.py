@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from meanflow_losses._validate import check_real, compiling
+from meanflow_losses._validate import check_interval, check_real, compiling
 from meanflow_losses.adapters import check_protocol
 from meanflow_losses.conditioning import Conditioning
 from meanflow_losses.conventions import append_dims
@@ -58,13 +58,7 @@ class Teacher:
     def __post_init__(self) -> None:
         check_protocol(self.model, "teacher.model")
         check_real("teacher.guidance_scale", self.guidance_scale)
-        if not (isinstance(self.interval, (tuple, list)) and len(self.interval) == 2):
-            raise TypeError(f"teacher.interval must be a pair (t_min, t_max), got {self.interval!r}")
-        lo = check_real("teacher.interval[0]", self.interval[0], lo=0.0, hi=1.0)
-        hi = check_real("teacher.interval[1]", self.interval[1], lo=0.0, hi=1.0)
-        if lo > hi:
-            raise ValueError(f"teacher.interval must satisfy t_min <= t_max, got {self.interval}")
-        object.__setattr__(self, "interval", (lo, hi))
+        object.__setattr__(self, "interval", check_interval("teacher.interval", self.interval))
         if self.guidance_scale != 1.0 and self.null_condition is None:
             raise ValueError("teacher.null_condition is required when guidance_scale != 1 (the unconditional branch)")
         if self.null_condition is not None and not callable(self.null_condition):
