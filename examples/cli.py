@@ -86,8 +86,10 @@ class Range:
         else:
             noun = "a number" if self.lo is not None or self.hi is not None else "a finite number"
         if self.lo is not None and self.hi is not None:
-            return (f"{noun} in {'(' if self.lo_open else '['}{_num(self.lo, self.kind)}, "
-                    f"{_num(self.hi, self.kind)}{')' if self.hi_open else ']'}")
+            return (
+                f"{noun} in {'(' if self.lo_open else '['}{_num(self.lo, self.kind)}, "
+                f"{_num(self.hi, self.kind)}{')' if self.hi_open else ']'}"
+            )
         if self.lo is not None:
             return f"{noun} {'>' if self.lo_open else '>='} {_num(self.lo, self.kind)}"
         if self.hi is not None:
@@ -173,9 +175,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def add_config_options(parser: argparse.ArgumentParser, config: type, help: Mapping[str, str],
-                       ranges: Mapping[str, Range], choices: Mapping[str, Sequence[str]],
-                       metavars: Mapping[str, tuple[str, ...]] | None = None) -> None:
+def add_config_options(
+    parser: argparse.ArgumentParser,
+    config: type,
+    help: Mapping[str, str],
+    ranges: Mapping[str, Range],
+    choices: Mapping[str, Sequence[str]],
+    metavars: Mapping[str, tuple[str, ...]] | None = None,
+) -> None:
     """Add one option per field of the dataclass ``config``, with its default.
 
     A ``bool`` field becomes ``--x / --no-x``, a field in ``choices`` gets ``choices=``, a numeric field its
@@ -195,8 +202,7 @@ def add_config_options(parser: argparse.ArgumentParser, config: type, help: Mapp
     """
     for f in dataclasses.fields(config):
         kind = str(f.type)
-        kw: dict[str, Any] = {"default": None if f.default is dataclasses.MISSING else f.default,
-                              "help": help[f.name]}
+        kw: dict[str, Any] = {"default": None if f.default is dataclasses.MISSING else f.default, "help": help[f.name]}
         if kind.startswith("bool"):
             kw["action"] = argparse.BooleanOptionalAction
         elif f.name in choices:

@@ -207,9 +207,7 @@ def check_model_output(u: Any, z: Tensor, *, who: str = "model") -> Tensor:
             hint = " (a diffusers model returns an output object: wrap it so that it returns .sample)"
         raise TypeError(f"{who}(z, r, t, **model_kwargs) must return a Tensor, got {type(u).__name__}{hint}")
     if not u.is_floating_point():
-        raise TypeError(
-            f"{who}(z, r, t, **model_kwargs) must return a real floating-point tensor, got dtype {u.dtype}"
-        )
+        raise TypeError(f"{who}(z, r, t, **model_kwargs) must return a real floating-point tensor, got dtype {u.dtype}")
     if tuple(u.shape) != tuple(z.shape):
         raise ValueError(
             f"{who}(z, r, t, **model_kwargs) must return a tensor of the shape of z {tuple(z.shape)}, "

@@ -243,9 +243,7 @@ class Conditioning(Mapping[str, Any]):
             raise ValueError(f"Conditioning.{op}: the two conditionings have different per-row entries")
 
 
-def _check_same_structure(
-    old: Any, new: Any, per_row: frozenset[Path], rows: int, who: str, prefix: Path = ()
-) -> None:
+def _check_same_structure(old: Any, new: Any, per_row: frozenset[Path], rows: int, who: str, prefix: Path = ()) -> None:
     where = "model_kwargs" + "".join(f"[{k!r}]" for k in prefix)
     if isinstance(old, Mapping):
         if not isinstance(new, Mapping) or set(old) != set(new):

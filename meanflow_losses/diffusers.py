@@ -250,9 +250,7 @@ class DiffusersAdapter(_SharedNamesAdapter):
                 "zero-initialised interval embedding beside its time embedding"
             )
         if interval not in ("class_embedding", "added_embedding", None):
-            raise ValueError(
-                f"interval must be 'auto', 'class_embedding', 'added_embedding' or None, got {interval!r}"
-            )
+            raise ValueError(f"interval must be 'auto', 'class_embedding', 'added_embedding' or None, got {interval!r}")
         c_in, c_out = _channels(net)
         if output == "auto":
             if c_out == c_in:

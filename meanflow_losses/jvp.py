@@ -156,8 +156,7 @@ def float32_view(model: Callable[..., Tensor]) -> Callable[..., Tensor]:
     if not isinstance(model, nn.Module):
         return model
     tensors = {
-        name: (v.float() if v.dtype in _HALF else v)
-        for name, v in [*model.named_parameters(), *model.named_buffers()]
+        name: (v.float() if v.dtype in _HALF else v) for name, v in [*model.named_parameters(), *model.named_buffers()]
     }
 
     def run(z: Tensor, r: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
@@ -302,9 +301,7 @@ def _traced_dual_call(
     model: Callable[..., Tensor], z: Tensor, r: Tensor, t: Tensor, tangent: Tensor, cond: Conditioning, who: str
 ) -> tuple[Tensor, Tensor]:
     """The JVP as ``torch.func.jvp``, which ``torch.compile`` traces (``torch.autograd.forward_ad`` it does not)."""
-    return torch.func.jvp(
-        lambda z_, t_: call(model, z_, r, t_, cond, who=who), (z, t), (tangent, torch.ones_like(t))
-    )
+    return torch.func.jvp(lambda z_, t_: call(model, z_, r, t_, cond, who=who), (z, t), (tangent, torch.ones_like(t)))
 
 
 def _dual_call(

@@ -317,15 +317,29 @@ class Recipe:
         from meanflow_losses.registry import objective_class
 
         cls = objective_class(objective) if isinstance(objective, str) else objective
-        flat: dict[str, Any] = {"time_dist": self.time_dist, "time_mean": self.time_mean, "time_std": self.time_std,
-                                "weight_c": self.weight_c}
+        flat: dict[str, Any] = {
+            "time_dist": self.time_dist,
+            "time_mean": self.time_mean,
+            "time_std": self.time_std,
+            "weight_c": self.weight_c,
+        }
         if issubclass(cls, (FlowMatchingLoss, ShortcutLoss)):
             return {**flat, "weight_p": self.fm_weight_p, "reduction": "mean"}
         if issubclass(cls, AlphaFlowLoss):
-            return {**flat, "weight_p": self.weight_p, "reduction": self.alphaflow_reduction,
-                    "equal_fraction": self.alphaflow_equal_fraction, "equal_draw": self.alphaflow_equal_draw}
-        return {**flat, "weight_p": self.weight_p, "reduction": self.reduction,
-                "equal_fraction": self.equal_fraction, "equal_draw": "pair"}
+            return {
+                **flat,
+                "weight_p": self.weight_p,
+                "reduction": self.alphaflow_reduction,
+                "equal_fraction": self.alphaflow_equal_fraction,
+                "equal_draw": self.alphaflow_equal_draw,
+            }
+        return {
+            **flat,
+            "weight_p": self.weight_p,
+            "reduction": self.reduction,
+            "equal_fraction": self.equal_fraction,
+            "equal_draw": "pair",
+        }
 
 
 RECIPES: dict[str, Recipe] = {

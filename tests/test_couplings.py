@@ -14,8 +14,10 @@ from meanflow_losses import couplings
 from meanflow_losses.couplings import linear_assignment, minibatch_ot, ot_permutation, reflow_pairs
 from tests.oracles import MU, SIGMA, ExactAverageVelocity
 
-SOLVERS = ["numpy", pytest.param("scipy", marks=pytest.mark.skipif(couplings._scipy_lsa() is None,
-                                                                    reason="scipy not installed"))]
+SOLVERS = [
+    "numpy",
+    pytest.param("scipy", marks=pytest.mark.skipif(couplings._scipy_lsa() is None, reason="scipy not installed")),
+]
 
 
 def _brute_force(cost: np.ndarray) -> float:
@@ -94,7 +96,7 @@ def test_minibatch_ot_is_the_brute_force_optimum_within_each_block(solver):
     x, noise = torch.randn(20, 3, generator=g), torch.randn(20, 3, generator=g)
     paired = minibatch_ot(x, noise, block=7, solver=solver)  # blocks of rows 0-6, 7-13, 14-19
     for lo in (0, 7, 14):
-        xb, nb, pb = x[lo:lo + 7], noise[lo:lo + 7], paired[lo:lo + 7]
+        xb, nb, pb = x[lo : lo + 7], noise[lo : lo + 7], paired[lo : lo + 7]
         assert _rows(pb) == _rows(nb)  # no mixing across blocks
         assert _total(xb, pb) == pytest.approx(_brute_force(_sq_cost(xb, nb)), rel=1e-10)
     assert _total(x, paired) < _total(x, noise)
@@ -131,8 +133,9 @@ def test_pairs_only_within_labels(block, generator):
     gen = torch.Generator().manual_seed(7) if generator else None
     perm = ot_permutation(x, noise, labels=labels, block=block, generator=gen)
     assert torch.equal(labels[perm], labels)  # each row's noise came from a row of the same label
-    paired = minibatch_ot(x, noise, labels=labels, block=block, generator=torch.Generator().manual_seed(7)
-                          if generator else None)
+    paired = minibatch_ot(
+        x, noise, labels=labels, block=block, generator=torch.Generator().manual_seed(7) if generator else None
+    )
     assert torch.equal(paired, noise[perm])
     for c in labels.unique():
         rows = labels == c
@@ -231,8 +234,9 @@ def test_reflow_grid_steps_and_chunks_agree():
     by_grid = reflow_pairs(teacher, e, grid=torch.tensor([1.0, 2 / 3, 1 / 3, 0.0]), solver="heun")
     assert torch.allclose(by_grid, ref, rtol=0, atol=1e-7)  # a float32 grid: the same steps up to rounding
     for chunk in (1, 3, 10, 64):
-        assert torch.allclose(reflow_pairs(teacher, e, steps=3, solver="heun", chunk_size=chunk), ref,
-                              rtol=0, atol=1e-14)
+        assert torch.allclose(
+            reflow_pairs(teacher, e, steps=3, solver="heun", chunk_size=chunk), ref, rtol=0, atol=1e-14
+        )
     assert torch.equal(reflow_pairs(teacher, e, steps=3, solver="heun"), ref)  # deterministic
     one = reflow_pairs(teacher, e, steps=1)
     assert torch.allclose(one, e - teacher(e, torch.ones(10), torch.ones(10)), rtol=0, atol=1e-15)
@@ -244,8 +248,7 @@ class _LabelledLinear(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("a", torch.tensor([-0.5, 0.3, 1.0, 0.1], dtype=torch.float64))
-        self.register_buffer("b", torch.tensor([[1.0, -2.0], [0.5, 0.5], [-1.0, 3.0], [0.2, 0.1]],
-                                               dtype=torch.float64))
+        self.register_buffer("b", torch.tensor([[1.0, -2.0], [0.5, 0.5], [-1.0, 3.0], [0.2, 0.1]], dtype=torch.float64))
         self.calls: list[int] = []
 
     def forward(self, z, r, t, y, table=None, bias=None, scale=0.0):
@@ -270,9 +273,9 @@ def test_reflow_chunks_per_row_conditioning_with_the_rows_and_passes_shared_entr
     assert net.calls == [3] * 8 + [3] * 8 + [1] * 8  # 2 calls per midpoint step, 4 steps, chunks of 3, 3, 1
     assert torch.allclose(chunked, ref, rtol=0, atol=1e-14)
     for i in range(7):  # each row alone, with its own label: the same endpoint
-        row_kw = {"y": y[i:i + 1], "table": mfl.shared(table), "bias": bias, "scale": 0.25}
-        alone = reflow_pairs(net, e[i:i + 1], steps=4, solver="midpoint", model_kwargs=row_kw)
-        assert torch.allclose(alone, ref[i:i + 1], rtol=0, atol=1e-14)
+        row_kw = {"y": y[i : i + 1], "table": mfl.shared(table), "bias": bias, "scale": 0.25}
+        alone = reflow_pairs(net, e[i : i + 1], steps=4, solver="midpoint", model_kwargs=row_kw)
+        assert torch.allclose(alone, ref[i : i + 1], rtol=0, atol=1e-14)
 
 
 def test_guided_teacher_endpoint_follows_the_cfg_formula():

@@ -279,9 +279,7 @@ def test_shared_tensor_with_sub_batch_size_is_not_sliced(strategy, guided):
     ctx = torch.randn(8, 3)
     loss_kw = {}
     if guided:
-        loss_kw["guidance"] = mfl.TrainingGuidance(
-            omega=0.5, kappa=0.3, drop_prob=0.0, null_condition=lambda kw: kw
-        )
+        loss_kw["guidance"] = mfl.TrainingGuidance(omega=0.5, kappa=0.3, drop_prob=0.0, null_condition=lambda kw: kw)
     got = call(mfl.MeanFlowLoss(jvp=strategy, **loss_kw), net, x, e, t, r, model_kwargs={"ctx": ctx})
 
     class Closure(nn.Module):
@@ -335,8 +333,12 @@ def test_null_condition_changing_a_shared_entry_is_refused():
 # ------------------------------------------------------------------------------------------------ time embeddings
 @pytest.mark.parametrize(
     ("style", "code"),
-    [("t1000", "high_frequency_time"), ("long", "cut_time_derivative"), ("detach", "cut_time_derivative"),
-     ("round", "cut_time_derivative")],
+    [
+        ("t1000", "high_frequency_time"),
+        ("long", "cut_time_derivative"),
+        ("detach", "cut_time_derivative"),
+        ("round", "cut_time_derivative"),
+    ],
 )
 def test_check_model_names_broken_time_embeddings(style, code):
     torch.manual_seed(0)
@@ -933,7 +935,11 @@ def test_per_row_tensors_inside_lists_and_tuples(strategy):
     j = r != t
     z = (1 - t[:, None]) * x + t[:, None] * e
     ref = time_derivative(
-        lambda z_, r_, t_: net(z_, r_, t_, [emb[j], (scale[j], "shared-string")]), z[j], r[j], t[j], (e - x)[j],
+        lambda z_, r_, t_: net(z_, r_, t_, [emb[j], (scale[j], "shared-string")]),
+        z[j],
+        r[j],
+        t[j],
+        (e - x)[j],
         strategy=strategy,
     )
     torch.testing.assert_close(got.extras["dudt"][j], ref.dudt, rtol=1e-5, atol=1e-6)

@@ -97,8 +97,13 @@ PY_MEANFLOW = {  # (ratio, P_mean_t, P_std_t, P_mean_r, P_std_r): the scripts' C
 def test_py_meanflow_samplers(version):
     ratio, mt, st, mr, sr = PY_MEANFLOW[version]
     sampler = mfl.TimePairSampler(
-        "logit_normal", mt, st, equal_fraction=1 - ratio, equal_count="coin",
-        order="sort" if version == "v0" else "min", r_times=mfl.TimeSampler("logit_normal", mr, sr),
+        "logit_normal",
+        mt,
+        st,
+        equal_fraction=1 - ratio,
+        equal_count="coin",
+        order="sort" if version == "v0" else "min",
+        r_times=mfl.TimeSampler("logit_normal", mr, sr),
     )
     pair = sampler.sample(N, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     fn = py_meanflow_v0 if version == "v0" else py_meanflow_v1
@@ -110,8 +115,15 @@ def test_py_meanflow_samplers(version):
 
 def test_py_meanflow_v1_keeps_t_unsorted_and_has_more_equal_rows():
     ratio, mt, st, mr, sr = PY_MEANFLOW["v1"]
-    sampler = mfl.TimePairSampler("logit_normal", mt, st, 1 - ratio, equal_count="coin", order="min",
-                                  r_times=mfl.TimeSampler("logit_normal", mr, sr))
+    sampler = mfl.TimePairSampler(
+        "logit_normal",
+        mt,
+        st,
+        1 - ratio,
+        equal_count="coin",
+        order="min",
+        r_times=mfl.TimeSampler("logit_normal", mr, sr),
+    )
     pair = sampler.sample(N, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     base = mfl.TimeSampler("logit_normal", mt, st).sample(N, generator=torch.Generator().manual_seed(3))
     assert ks_statistic(pair.t, base) < KS_MAX  # t is the t draw itself, not a maximum
@@ -128,8 +140,9 @@ def test_the_ks_check_tells_the_samplers_apart():
     n = N // 5  # the differences are far above the sampling noise (about 0.003 at this size)
     t, r = py_meanflow_v1(n, ratio, mt, st, mr, sr, torch.Generator().manual_seed(11))
     for sampler in (
-        mfl.TimePairSampler("logit_normal", mt, st, 1 - ratio, equal_count="coin",
-                            r_times=mfl.TimeSampler("logit_normal", mr, sr)),
+        mfl.TimePairSampler(
+            "logit_normal", mt, st, 1 - ratio, equal_count="coin", r_times=mfl.TimeSampler("logit_normal", mr, sr)
+        ),
         mfl.TimePairSampler("logit_normal", mt, st, 1 - ratio),
     ):
         pair = sampler.sample(n, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
@@ -146,8 +159,9 @@ def test_meanflow_jax_sampler(dist):
 
 
 def test_alphaflow_sampler():
-    sampler = mfl.TimePairSampler("logit_normal", -0.4, 1.0, 0.5, equal_draw="single", equal_count="truncate",
-                                  equal_rows="first")
+    sampler = mfl.TimePairSampler(
+        "logit_normal", -0.4, 1.0, 0.5, equal_draw="single", equal_count="truncate", equal_rows="first"
+    )
     pair = sampler.sample(N, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     t, r = alphaflow_official(N, 0.5, torch.Generator().manual_seed(8))
     assert_same_distribution(pair, t, r)
@@ -185,8 +199,12 @@ def test_floor_and_truncate_differ_where_official():
     floor = mfl.TimePairSampler("uniform", equal_fraction=0.29)
     trunc = mfl.TimePairSampler("uniform", equal_fraction=0.29, equal_count="truncate")
     assert (floor.num_equal(100), trunc.num_equal(100), int(100 * 0.29)) == (29, 28, 28)
-    diffs = [b for b in range(1, 1001) for f in FRACTIONS
-             if mfl.TimePairSampler(equal_fraction=f, equal_count="truncate").num_equal(b) != int(b * f)]
+    diffs = [
+        b
+        for b in range(1, 1001)
+        for f in FRACTIONS
+        if mfl.TimePairSampler(equal_fraction=f, equal_count="truncate").num_equal(b) != int(b * f)
+    ]
     assert diffs == []
 
 
@@ -274,8 +292,9 @@ def test_first_rows_dropout_reproduces_the_jax_rule():
 def test_first_rows_dropout_only_hits_flow_matching_rows():
     """With the JAX sampler's layout (r = t rows first) only r = t rows are unconditional, as in the official code."""
     times = mfl.TimePairSampler(equal_fraction=0.75, equal_count="truncate", equal_rows="first")
-    guidance = mfl.TrainingGuidance(omega=1.0, kappa=0.5, drop_prob=0.1, null_condition=mfl.null_class(3),
-                                    drop_rows="first")
+    guidance = mfl.TrainingGuidance(
+        omega=1.0, kappa=0.5, drop_prob=0.1, null_condition=mfl.null_class(3), drop_rows="first"
+    )
     per_row = mfl.TrainingGuidance(omega=1.0, kappa=0.5, drop_prob=0.1, null_condition=mfl.null_class(3))
     g = torch.Generator().manual_seed(0)
     hits_interval_rows = 0
@@ -290,8 +309,9 @@ def test_first_rows_dropout_only_hits_flow_matching_rows():
 def test_first_rows_dropout_in_guidance_on_a_hand_built_batch():
     torch.manual_seed(0)
     model = MLP(n_classes=3).double()
-    guidance = mfl.TrainingGuidance(omega=1.0, kappa=0.5, drop_prob=0.5, null_condition=mfl.null_class(3),
-                                    drop_rows="first")
+    guidance = mfl.TrainingGuidance(
+        omega=1.0, kappa=0.5, drop_prob=0.5, null_condition=mfl.null_class(3), drop_rows="first"
+    )
     b = 8
     g = torch.Generator().manual_seed(1)
     z, v = torch.randn(b, 2, generator=g, dtype=torch.float64), torch.randn(b, 2, generator=g, dtype=torch.float64)
@@ -352,9 +372,16 @@ def test_strict_interval_on_a_hand_built_batch():
     assert torch.equal(res.guided_mask, inside)
     torch.testing.assert_close(res.v_tilde[~inside], v[~inside])
     mask = draw_drop_mask(
-        mfl.TrainingGuidance(drop_prob=0.999, null_condition=mfl.null_class(3), drop_only_in_interval=True,
-                             interval=(0.0, 0.75), interval_test="strict"),
-        BOUNDARY_T, b, generator=torch.Generator().manual_seed(0),
+        mfl.TrainingGuidance(
+            drop_prob=0.999,
+            null_condition=mfl.null_class(3),
+            drop_only_in_interval=True,
+            interval=(0.0, 0.75),
+            interval_test="strict",
+        ),
+        BOUNDARY_T,
+        b,
+        generator=torch.Generator().manual_seed(0),
     )
     assert not bool((mask & ~inside).any())  # drop_prob near 1: only the rows strictly inside may be dropped
 
@@ -365,11 +392,18 @@ def test_strict_interval_on_a_hand_built_batch():
 def test_recipes_by_name_in_the_registry():
     small = mfl.make_objective("meanflow", recipe="small_data")
     assert (small.times.name, small.times.equal_fraction, small.weighting.p, small.reduction) == (
-        "uniform", 0.5, 0.0, "mean")
+        "uniform",
+        0.5,
+        0.0,
+        "mean",
+    )
     imagenet = mfl.make_objective("meanflow", recipe="imagenet")
     default = mfl.MeanFlowLoss()
     assert (imagenet.times, imagenet.weighting, imagenet.reduction) == (
-        default.times, default.weighting, default.reduction)  # the papers' defaults are MeanFlowLoss's own
+        default.times,
+        default.weighting,
+        default.reduction,
+    )  # the papers' defaults are MeanFlowLoss's own
     af = mfl.make_objective("alphaflow", recipe="imagenet", alpha=0.5)
     assert (af.times.equal_fraction, af.times.equal_draw, af.reduction, af.target_clip) == (0.5, "single", "mean", 4.0)
     fm = mfl.make_objective("fm", recipe="small_data")
@@ -420,11 +454,15 @@ def test_small_data_recipe_is_the_toy_studys_meanflow_run():
     assert (small.times, small.weighting, small.reduction) == (toy.times, toy.weighting, toy.reduction)
 
 
-@pytest.mark.parametrize("kw", [dict(r_times=mfl.TimeSampler("logit_normal", -4.0, 1.6)),
-                                dict(name="uniform", r_times=mfl.TimeSampler("logit_normal", -1.0, 1.0)),
-                                dict(order="min", mean=-0.6, std=1.6,
-                                     r_times=mfl.TimeSampler("logit_normal", -4.0, 1.6)),
-                                dict(order="min")])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(r_times=mfl.TimeSampler("logit_normal", -4.0, 1.6)),
+        dict(name="uniform", r_times=mfl.TimeSampler("logit_normal", -1.0, 1.0)),
+        dict(order="min", mean=-0.6, std=1.6, r_times=mfl.TimeSampler("logit_normal", -4.0, 1.6)),
+        dict(order="min"),
+    ],
+)
 def test_progressive_interval_weight_has_mean_one_at_step_0_for_every_pair_construction(kw):
     # lambda = 1 / E[1 - (t - r)] over the r != t rows of the sampler actually used (Monte Carlo, 10^6 draws)
     s = mfl.TimePairSampler(**{"equal_fraction": 0.0, **kw})

@@ -78,10 +78,22 @@ def test_pair_sampler_default_stream_is_pinned():
     p = mfl.TimePairSampler("uniform", equal_fraction=0.5).sample(
         6, generator=torch.Generator().manual_seed(0), dtype=torch.float64
     )
-    t = [0.9700530018065531, 0.707819864399788, 0.5813409198075745, 0.9207476841219603, 0.6450241201227648,
-         0.7911478921803037]
-    r = [0.9700530018065531, 0.3511076243939284, 0.5813409198075745, 0.9207476841219603, 0.4528688488811142,
-         0.17679952620371409]
+    t = [
+        0.9700530018065531,
+        0.707819864399788,
+        0.5813409198075745,
+        0.9207476841219603,
+        0.6450241201227648,
+        0.7911478921803037,
+    ]
+    r = [
+        0.9700530018065531,
+        0.3511076243939284,
+        0.5813409198075745,
+        0.9207476841219603,
+        0.4528688488811142,
+        0.17679952620371409,
+    ]
     torch.testing.assert_close(p.t, torch.tensor(t, dtype=torch.float64), rtol=0, atol=1e-15)
     torch.testing.assert_close(p.r, torch.tensor(r, dtype=torch.float64), rtol=0, atol=1e-15)
 

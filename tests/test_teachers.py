@@ -75,7 +75,12 @@ def test_dropped_rows_get_the_teachers_unconditional_velocity():
     guidance = mfl.TrainingGuidance(omega=1.0, kappa=0.0, drop_prob=0.1, null_condition=mfl.null_class(5))
     teacher = mfl.Teacher(Known(), guidance_scale=2.0, null_condition=mfl.null_class(5))
     out = mfl.FlowMatchingLoss(guidance=guidance, weighting=mfl.AdaptiveWeight(p=0.0), reduction="sum")(
-        lambda z, r, t_, y: torch.zeros_like(z), x, t=t, noise=e, model_kwargs={"y": y}, drop_mask=drop,
+        lambda z, r, t_, y: torch.zeros_like(z),
+        x,
+        t=t,
+        noise=e,
+        model_kwargs={"y": y},
+        drop_mask=drop,
         teacher=teacher,
     )
     z = 0.5 * x + 0.5 * e
@@ -122,8 +127,14 @@ def test_student_guidance_applies_on_top_of_the_teacher():
     guidance = mfl.TrainingGuidance(omega=omega, kappa=kappa, drop_prob=0.1, null_condition=mfl.null_class(5))
     student = Known()  # the student's own conditional / null velocities are known too
     out = mfl.FlowMatchingLoss(guidance=guidance, weighting=mfl.AdaptiveWeight(p=0.0), reduction="sum")(
-        lambda z, r, t_, y: torch.zeros_like(z), x, t=t, noise=e, model_kwargs={"y": y}, drop_mask=drop,
-        teacher=mfl.Teacher(lambda z, r, t_, y: 3.0 * z), target_model=student,
+        lambda z, r, t_, y: torch.zeros_like(z),
+        x,
+        t=t,
+        noise=e,
+        model_kwargs={"y": y},
+        drop_mask=drop,
+        teacher=mfl.Teacher(lambda z, r, t_, y: 3.0 * z),
+        target_model=student,
     )
     z = 0.5 * x + 0.5 * e
     want = omega * 3.0 * z + kappa * z * (1 + y)[:, None].to(F64) + (1 - omega - kappa) * 0.5 * z

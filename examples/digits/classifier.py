@@ -19,10 +19,14 @@ class DigitClassifier(nn.Module):
     def __init__(self, num_classes: int = 10, feature_dim: int = 128) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.SiLU(),
-            nn.AvgPool2d(2), nn.Flatten(),
-            nn.Linear(32 * 4 * 4, feature_dim), nn.SiLU(),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.SiLU(),
+            nn.AvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 4 * 4, feature_dim),
+            nn.SiLU(),
         )
         self.head = nn.Linear(feature_dim, num_classes)
 
@@ -39,11 +43,12 @@ def _shift(x: Tensor, g: torch.Generator) -> Tensor:
     # augmentation: random shifts of up to one pixel (pad with the background value -1)
     pad = F.pad(x, (1, 1, 1, 1), value=-1.0)
     i, j = torch.randint(0, 3, (2,), generator=g).tolist()
-    return pad[:, :, i:i + 8, j:j + 8]
+    return pad[:, :, i : i + 8, j : j + 8]
 
 
-def train_classifier(x: Tensor, y: Tensor, steps: int = 800, batch: int = 128, lr: float = 2e-3,
-                     seed: int = 0) -> DigitClassifier:
+def train_classifier(
+    x: Tensor, y: Tensor, steps: int = 800, batch: int = 128, lr: float = 2e-3, seed: int = 0
+) -> DigitClassifier:
     """Train :class:`DigitClassifier` on ``x (N, 1, 8, 8)``, ``y (N,)`` with Adam and small random shifts."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)

@@ -44,7 +44,8 @@ def load_digits(held_out: float = 0.2, seed: int = 0) -> Digits:
     ds = sk_load()
     x = torch.tensor(ds.images, dtype=torch.float32)[:, None] / 8.0 - 1.0
     y = torch.tensor(ds.target, dtype=torch.long)
-    idx_train, idx_test = train_test_split(torch.arange(len(y)).numpy(), test_size=held_out, random_state=seed,
-                                           stratify=y.numpy())
+    idx_train, idx_test = train_test_split(
+        torch.arange(len(y)).numpy(), test_size=held_out, random_state=seed, stratify=y.numpy()
+    )
     idx_train, idx_test = torch.from_numpy(idx_train), torch.from_numpy(idx_test)
     return Digits(x[idx_train], y[idx_train], x[idx_test], y[idx_test])

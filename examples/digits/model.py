@@ -71,8 +71,17 @@ class DiT(nn.Module):
         max_freq: Highest angular frequency of the time embedders.
     """
 
-    def __init__(self, size: int = 8, channels: int = 1, patch: int = 2, width: int = 128, depth: int = 4,
-                 heads: int = 4, num_classes: int = 10, max_freq: float = 8.0) -> None:
+    def __init__(
+        self,
+        size: int = 8,
+        channels: int = 1,
+        patch: int = 2,
+        width: int = 128,
+        depth: int = 4,
+        heads: int = 4,
+        num_classes: int = 10,
+        max_freq: float = 8.0,
+    ) -> None:
         super().__init__()
         if size % patch or width % heads:
             raise ValueError(f"need size % patch == 0 and width % heads == 0, got {size}, {patch}, {width}, {heads}")

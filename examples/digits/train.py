@@ -131,19 +131,32 @@ class DigitsConfig:
         cli.check_choices(self, CHOICES)
         cli.check_ranges(self, RANGES)
         if self.width % self.heads:
-            raise ConfigError(f"width must be a multiple of heads, got width={self.width}, heads={self.heads}",
-                              ("width", "heads"))
+            raise ConfigError(
+                f"width must be a multiple of heads, got width={self.width}, heads={self.heads}", ("width", "heads")
+            )
 
     def unused(self, names: Iterable[str]) -> dict[str, str]:
         """Those of the options ``names`` that have no effect with the other options, each with the reason."""
         skipped = self.fm_steps == 0
-        return {name: "has no effect with --fm-steps 0 (no flow-matching baseline)"
-                for name in names if skipped and name == "fm_sample_steps"}
+        return {
+            name: "has no effect with --fm-steps 0 (no flow-matching baseline)"
+            for name in names
+            if skipped and name == "fm_sample_steps"
+        }
 
 
-def _train_generator(cfg: DigitsConfig, objective: Any, steps: int, x: torch.Tensor, y: torch.Tensor,
-                     desc: str, *, init: dict[str, torch.Tensor] | None = None, teacher: torch.nn.Module | None = None,
-                     noise: torch.Tensor | None = None) -> tuple[torch.nn.Module, list[float]]:
+def _train_generator(
+    cfg: DigitsConfig,
+    objective: Any,
+    steps: int,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    desc: str,
+    *,
+    init: dict[str, torch.Tensor] | None = None,
+    teacher: torch.nn.Module | None = None,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.nn.Module, list[float]]:
     """Adam (warm-up, cosine decay) + EMA on random minibatches; returns the EMA model and the loss curve.
 
     Args:
@@ -192,8 +205,9 @@ def _train_generator(cfg: DigitsConfig, objective: Any, steps: int, x: torch.Ten
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, per_class: int, steps: int, seed: int,
-             velocity_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def generate(
+    model: torch.nn.Module, per_class: int, steps: int, seed: int, velocity_only: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``per_class`` digits of every class with ``steps`` sampling steps; returns images in ``[-1, 1]`` and labels."""
     g = torch.Generator().manual_seed(10_007 + seed)
     y = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
@@ -237,11 +251,15 @@ def run(cfg: DigitsConfig) -> dict[str, Any]:
     ref_feats = clf.features(data.x_test)
     print(f"classifier: held-out accuracy {clf_acc:.3f} ({data.x_test.shape[0]} real held-out digits)")
 
-    guidance = mfl.TrainingGuidance(omega=cfg.omega, kappa=cfg.kappa, drop_prob=cfg.drop_prob,
-                                    null_condition=NullLabel(NUM_CLASSES))
+    guidance = mfl.TrainingGuidance(
+        omega=cfg.omega, kappa=cfg.kappa, drop_prob=cfg.drop_prob, null_condition=NullLabel(NUM_CLASSES)
+    )
     mf = mfl.MeanFlowLoss(
         times=mfl.TimePairSampler(cfg.time_dist, equal_fraction=cfg.equal_fraction),
-        weighting=mfl.AdaptiveWeight(p=cfg.weight_p, c=1e-3), reduction="sum", guidance=guidance)
+        weighting=mfl.AdaptiveWeight(p=cfg.weight_p, c=1e-3),
+        reduction="sum",
+        guidance=guidance,
+    )
     t0 = time.perf_counter()
     mf_model, mf_losses = _train_generator(cfg, mf, cfg.steps, data.x_train, data.y_train, "MeanFlow DiT")
     mf_seconds = time.perf_counter() - t0
@@ -254,23 +272,35 @@ def run(cfg: DigitsConfig) -> dict[str, Any]:
     fm_seconds = 0.0
     fm_model = None
     if fm_steps > 0:
-        fm = mfl.FlowMatchingLoss(times=mfl.TimeSampler(cfg.time_dist), weighting=mfl.AdaptiveWeight(p=0.0),
-                                  reduction="mean", guidance=guidance)
+        fm = mfl.FlowMatchingLoss(
+            times=mfl.TimeSampler(cfg.time_dist),
+            weighting=mfl.AdaptiveWeight(p=0.0),
+            reduction="mean",
+            guidance=guidance,
+        )
         t0 = time.perf_counter()
         fm_model, _ = _train_generator(cfg, fm, fm_steps, data.x_train, data.y_train, "FM DiT")
         fm_seconds = time.perf_counter() - t0
-        evals[f"FM {cfg.fm_sample_steps} Euler steps"] = generate(fm_model, cfg.per_class, cfg.fm_sample_steps,
-                                                                   cfg.seed, velocity_only=True)
+        evals[f"FM {cfg.fm_sample_steps} Euler steps"] = generate(
+            fm_model, cfg.per_class, cfg.fm_sample_steps, cfg.seed, velocity_only=True
+        )
 
     results: dict[str, Any] = {
-        "real training digits": {"frechet": frechet_distance(clf.features(data.x_train), ref_feats),
-                                 "accuracy": accuracy(clf, data.x_train, data.y_train)[0],
-                                 "n": data.x_train.shape[0]},
+        "real training digits": {
+            "frechet": frechet_distance(clf.features(data.x_train), ref_feats),
+            "accuracy": accuracy(clf, data.x_train, data.y_train)[0],
+            "n": data.x_train.shape[0],
+        },
     }
     for label, (x, y) in evals.items():
         acc, per_class = accuracy(clf, x, y)
-        results[label] = {"accuracy": acc, "per_class_accuracy": per_class, "min_class_accuracy": min(per_class),
-                          "frechet": frechet_distance(clf.features(x), ref_feats), "n": x.shape[0]}
+        results[label] = {
+            "accuracy": acc,
+            "per_class_accuracy": per_class,
+            "min_class_accuracy": min(per_class),
+            "frechet": frechet_distance(clf.features(x), ref_feats),
+            "n": x.shape[0],
+        }
     record = {
         "config": asdict(cfg),
         "classifier_heldout_accuracy": clf_acc,
@@ -281,17 +311,28 @@ def run(cfg: DigitsConfig) -> dict[str, Any]:
         "versions": {"torch": torch.__version__, "meanflow_losses": getattr(mfl, "__version__", "?")},
     }
     (out / "metrics.json").write_text(json.dumps(record, indent=1) + "\n")
-    torch.save({"meanflow": mf_model.state_dict(), "fm": None if fm_model is None else fm_model.state_dict(),
-                "classifier": clf.state_dict(), "config": asdict(cfg)}, out / "checkpoint.pt")
+    torch.save(
+        {
+            "meanflow": mf_model.state_dict(),
+            "fm": None if fm_model is None else fm_model.state_dict(),
+            "classifier": clf.state_dict(),
+            "config": asdict(cfg),
+        },
+        out / "checkpoint.pt",
+    )
     save_grid({"real (held-out)": _real_grid(data), **{k: v[0] for k, v in evals.items()}}, out / "samples.png")
 
-    print(f"Frechet distance in classifier features vs {ref_feats.shape[0]} held-out real digits; accuracy of the "
-          f"classifier on generated digits of each class (guidance omega={cfg.omega}, kappa={cfg.kappa}):")
+    print(
+        f"Frechet distance in classifier features vs {ref_feats.shape[0]} held-out real digits; accuracy of the "
+        f"classifier on generated digits of each class (guidance omega={cfg.omega}, kappa={cfg.kappa}):"
+    )
     for label, r in results.items():
         extra = f"  min class {r['min_class_accuracy']:.3f}" if "min_class_accuracy" in r else ""
         print(f"  {label:<26} FD {r['frechet']:8.2f}   accuracy {r['accuracy']:.3f}{extra}")
-    print(f"MeanFlow training {mf_seconds:.0f} s, FM training {fm_seconds:.0f} s; wrote {out}/metrics.json, "
-          f"{out}/samples.png")
+    print(
+        f"MeanFlow training {mf_seconds:.0f} s, FM training {fm_seconds:.0f} s; wrote {out}/metrics.json, "
+        f"{out}/samples.png"
+    )
     return record
 
 
@@ -301,13 +342,17 @@ def _real_grid(data: Any, per_row: int = 10) -> torch.Tensor:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m examples.digits.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=cli.HelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m examples.digits.train", description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter
+    )
     cli.add_config_options(p, DigitsConfig, HELP, RANGES, CHOICES)
-    p.add_argument("--recipe", choices=sorted(mfl.presets.RECIPES),
-                   help="start from a named recipe's time distribution, r = t share and weight power "
-                        "(mfl.presets.RECIPES; the reduction stays the SUM over the 64 pixels); options given "
-                        "explicitly override it")
+    p.add_argument(
+        "--recipe",
+        choices=sorted(mfl.presets.RECIPES),
+        help="start from a named recipe's time distribution, r = t share and weight power "
+        "(mfl.presets.RECIPES; the reduction stays the SUM over the 64 pixels); options given "
+        "explicitly override it",
+    )
     return p
 
 
@@ -318,10 +363,15 @@ def config_from_argv(argv: list[str] | None = None) -> DigitsConfig:
     given = cli.parse_explicit(parser, argv)
     recipe = given.pop("recipe", None)
     fields = {f.name for f in dataclasses.fields(DigitsConfig)}
-    from_recipe = {} if recipe is None else {
-        k: v for k, v in mfl.presets.RECIPES[recipe].flat_options("meanflow").items()
-        if k in fields and k not in ("weight_c", "reduction")
-    }
+    from_recipe = (
+        {}
+        if recipe is None
+        else {
+            k: v
+            for k, v in mfl.presets.RECIPES[recipe].flat_options("meanflow").items()
+            if k in fields and k not in ("weight_c", "reduction")
+        }
+    )
     try:
         cfg = DigitsConfig(**{**from_recipe, **given})
         cli.check_unused(cfg, given)

@@ -493,8 +493,9 @@ def sample_grid(
 # ------------------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train a DiT with a meanflow_losses objective (torchrun DDP/FSDP2).")
-    p.add_argument("--config", required=True,
-                   help=f"a name in configs/ ({', '.join(list_configs())}) or a path to a .toml")
+    p.add_argument(
+        "--config", required=True, help=f"a name in configs/ ({', '.join(list_configs())}) or a path to a .toml"
+    )
     p.add_argument("--data", default=None, help="latent directory from prepare_latents.py (overrides data.latents)")
     p.add_argument("--run-dir", required=True, help="checkpoints, logs and sample grids go here")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --run-dir")

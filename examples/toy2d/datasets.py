@@ -108,7 +108,12 @@ DATASETS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
 
 #: Number of classes a conditional model needs for each dataset (labels in ``[0, NUM_CLASSES)``).
 NUM_CLASSES: dict[str, int] = {
-    "checkerboard": 1, "8gaussians": 8, "moons": 2, "spirals": 2, "swissroll": 1, "mixture": 4,
+    "checkerboard": 1,
+    "8gaussians": 8,
+    "moons": 2,
+    "spirals": 2,
+    "swissroll": 1,
+    "mixture": 4,
 }
 
 

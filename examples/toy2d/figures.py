@@ -48,8 +48,7 @@ def plot_samples(target: Tensor, samples: Mapping[str, Tensor], path: str | Path
     return _save(fig, path)
 
 
-def plot_trajectories(trajectories: Mapping[str, Tensor], target: Tensor, path: str | Path,
-                      n_paths: int = 300) -> Path:
+def plot_trajectories(trajectories: Mapping[str, Tensor], target: Tensor, path: str | Path, n_paths: int = 300) -> Path:
     """Sampling paths from noise (grey dots) to samples (blue dots) over the target (light grey), one panel each.
 
     ``trajectories[label]`` has shape ``(K + 1, N, 2)``: the states of a K-step sampler, noise first.
@@ -79,9 +78,14 @@ def _smooth(y: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(np.pad(y, (window - 1, 0), mode="edge"), kernel, mode="valid")
 
 
-def plot_training(steps: Sequence[int], losses: Mapping[str, Sequence[float]], path: str | Path,
-                  errors: Mapping[str, Sequence[float]] | None = None, alpha: Sequence[float] | None = None,
-                  title: str = "") -> Path:
+def plot_training(
+    steps: Sequence[int],
+    losses: Mapping[str, Sequence[float]],
+    path: str | Path,
+    errors: Mapping[str, Sequence[float]] | None = None,
+    alpha: Sequence[float] | None = None,
+    title: str = "",
+) -> Path:
     """Training curves: the weighted loss(es), optional plain squared errors, and the alpha schedule.
 
     Each mapping is ``{label: one value per entry of steps}``; NaN entries (a term a regime does not log) are
@@ -91,8 +95,9 @@ def plot_training(steps: Sequence[int], losses: Mapping[str, Sequence[float]], p
     panels = [("weighted training loss", losses)]
     if errors:
         panels.append(("plain squared error ||u - target||^2", errors))
-    fig, axes = plt.subplots(1, len(panels) + (alpha is not None), figsize=(4.2 * (len(panels) + 1), 3.0),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(panels) + (alpha is not None), figsize=(4.2 * (len(panels) + 1), 3.0), squeeze=False
+    )
     for ax, (ylabel, curves) in zip(axes[0], panels, strict=False):
         for i, (label, values) in enumerate(curves.items()):
             v = np.asarray(values, dtype=float)
@@ -119,8 +124,9 @@ def plot_training(steps: Sequence[int], losses: Mapping[str, Sequence[float]], p
     return _save(fig, path)
 
 
-def plot_conflict(steps: Sequence[int], cosines: Mapping[str, Sequence[float]], path: str | Path,
-                  window: int = 10, title: str = "") -> Path:
+def plot_conflict(
+    steps: Sequence[int], cosines: Mapping[str, Sequence[float]], path: str | Path, window: int = 10, title: str = ""
+) -> Path:
     """Gradient cosine between loss terms over training: running mean and 5th-95th percentile band.
 
     ``cosines[label]`` holds one cosine per entry of ``steps``; the band is taken over a sliding window of
@@ -131,13 +137,18 @@ def plot_conflict(steps: Sequence[int], cosines: Mapping[str, Sequence[float]], 
     for i, (label, values) in enumerate(cosines.items()):
         v = np.asarray(values, dtype=float)
         w = max(1, min(window, v.size))
-        windows = [v[max(0, j - w + 1):j + 1] for j in range(v.size)]
+        windows = [v[max(0, j - w + 1) : j + 1] for j in range(v.size)]
         mean = np.array([x.mean() for x in windows])
         lo = np.array([np.percentile(x, 5) for x in windows])
         hi = np.array([np.percentile(x, 95) for x in windows])
         ax.fill_between(steps_a, lo, hi, color=f"C{i}", alpha=0.2, linewidth=0)
-        ax.plot(steps_a, mean, color=f"C{i}", lw=1.4,
-                label=f"{label} (mean {v.mean():+.2f}, <0 at {100 * (v < 0).mean():.0f}%)")
+        ax.plot(
+            steps_a,
+            mean,
+            color=f"C{i}",
+            lw=1.4,
+            label=f"{label} (mean {v.mean():+.2f}, <0 at {100 * (v < 0).mean():.0f}%)",
+        )
     ax.axhline(0.0, color="k", lw=0.6)
     ax.set_ylim(-1, 1)
     ax.set_xlabel("step")
@@ -148,9 +159,16 @@ def plot_conflict(steps: Sequence[int], cosines: Mapping[str, Sequence[float]], 
     return _save(fig, path)
 
 
-def plot_study(target: Tensor, samples: Mapping[str, Tensor], bars: Mapping[str, Sequence[float]],
-               baseline: float | None, path: str | Path, title: str = "", baseline_steps: int = 100,
-               extra_lines: Mapping[str, float] | None = None) -> Path:
+def plot_study(
+    target: Tensor,
+    samples: Mapping[str, Tensor],
+    bars: Mapping[str, Sequence[float]],
+    baseline: float | None,
+    path: str | Path,
+    title: str = "",
+    baseline_steps: int = 100,
+    extra_lines: Mapping[str, float] | None = None,
+) -> Path:
     """The study's comparison figure: samples of each method (top; ``samples[label]``) and the 1-step sliced W2
     of each seed per method (bottom; ``bars[label]``, one value per seed) against the FM baseline line and any
     ``extra_lines`` (legend label -> value)."""

@@ -47,7 +47,7 @@ def sliced_w2(a: Tensor, b: Tensor, projections: int = 512, generator: torch.Gen
 def _mean_dist(a: Tensor, b: Tensor, same: bool, chunk: int = 2048) -> Tensor:
     total = torch.zeros((), dtype=torch.float64)
     for i in range(0, a.shape[0], chunk):
-        total += torch.cdist(a[i:i + chunk], b).sum()
+        total += torch.cdist(a[i : i + chunk], b).sum()
     n_pairs = a.shape[0] * (b.shape[0] - 1) if same else a.shape[0] * b.shape[0]
     return total / n_pairs
 

@@ -89,8 +89,17 @@ class VelocityMLP(nn.Module):
         arch: ``"plain"`` or ``"residual"``.
     """
 
-    def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 4, emb_dim: int = 32, max_freq: float = 8.0,
-                 num_classes: int = 0, act: str = "silu", arch: str = "plain") -> None:
+    def __init__(
+        self,
+        dim: int = 2,
+        hidden: int = 256,
+        depth: int = 4,
+        emb_dim: int = 32,
+        max_freq: float = 8.0,
+        num_classes: int = 0,
+        act: str = "silu",
+        arch: str = "plain",
+    ) -> None:
         super().__init__()
         if act not in ACTIVATIONS:
             raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")

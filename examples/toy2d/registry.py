@@ -64,8 +64,13 @@ class MethodSpec:
 
 
 def _pairs(cfg: TrainConfig) -> mfl.TimePairSampler:
-    return mfl.TimePairSampler(cfg.time_dist, mean=cfg.time_mean, std=cfg.time_std,
-                               equal_fraction=cfg.resolved("equal_fraction"), equal_draw=cfg.equal_draw)
+    return mfl.TimePairSampler(
+        cfg.time_dist,
+        mean=cfg.time_mean,
+        std=cfg.time_std,
+        equal_fraction=cfg.resolved("equal_fraction"),
+        equal_draw=cfg.equal_draw,
+    )
 
 
 def _weight(cfg: TrainConfig) -> mfl.AdaptiveWeight:
@@ -73,9 +78,12 @@ def _weight(cfg: TrainConfig) -> mfl.AdaptiveWeight:
 
 
 def _fm(cfg: TrainConfig) -> Any:
-    return mfl.FlowMatchingLoss(times=mfl.TimeSampler(cfg.time_dist, mean=cfg.time_mean, std=cfg.time_std),
-                                weighting=_weight(cfg), reduction=cfg.reduction,
-                                guidance=cfg.guidance())
+    return mfl.FlowMatchingLoss(
+        times=mfl.TimeSampler(cfg.time_dist, mean=cfg.time_mean, std=cfg.time_std),
+        weighting=_weight(cfg),
+        reduction=cfg.reduction,
+        guidance=cfg.guidance(),
+    )
 
 
 def _jvp_options(cfg: TrainConfig) -> dict[str, Any]:
@@ -88,8 +96,9 @@ def _jvp_options(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _meanflow(cfg: TrainConfig) -> Any:
-    return mfl.MeanFlowLoss(times=_pairs(cfg), weighting=_weight(cfg), reduction=cfg.reduction,
-                            guidance=cfg.guidance(), **_jvp_options(cfg))
+    return mfl.MeanFlowLoss(
+        times=_pairs(cfg), weighting=_weight(cfg), reduction=cfg.reduction, guidance=cfg.guidance(), **_jvp_options(cfg)
+    )
 
 
 def _alpha_schedule(cfg: TrainConfig, method: str) -> Any:
@@ -100,20 +109,34 @@ def _alpha_schedule(cfg: TrainConfig, method: str) -> Any:
 
 def _alphaflow(cfg: TrainConfig) -> Any:
     cls = need("AlphaFlowLoss", "alphaflow")
-    return cls(alpha=_alpha_schedule(cfg, "alphaflow"), eta=cfg.eta, times=_pairs(cfg), weighting=_weight(cfg),
-               reduction=cfg.reduction, guidance=cfg.guidance(), **_jvp_options(cfg))
+    return cls(
+        alpha=_alpha_schedule(cfg, "alphaflow"),
+        eta=cfg.eta,
+        times=_pairs(cfg),
+        weighting=_weight(cfg),
+        reduction=cfg.reduction,
+        guidance=cfg.guidance(),
+        **_jvp_options(cfg),
+    )
 
 
 def _kim(cfg: TrainConfig) -> Any:
     preset = need("presets.accelerated_meanflow", "kim")
-    return preset(cfg.steps, times=_pairs(cfg), gamma=cfg.min_snr_gamma, k=cfg.kim_k, weighting=_weight(cfg),
-                  reduction=cfg.reduction, guidance=cfg.guidance(), **_jvp_options(cfg))
+    return preset(
+        cfg.steps,
+        times=_pairs(cfg),
+        gamma=cfg.min_snr_gamma,
+        k=cfg.kim_k,
+        weighting=_weight(cfg),
+        reduction=cfg.reduction,
+        guidance=cfg.guidance(),
+        **_jvp_options(cfg),
+    )
 
 
 def _split(cfg: TrainConfig) -> Any:
     cls = need("SplitMeanFlowLoss", "splitmeanflow")
-    return cls(times=_pairs(cfg), weighting=_weight(cfg), reduction=cfg.reduction,
-               guidance=cfg.guidance())
+    return cls(times=_pairs(cfg), weighting=_weight(cfg), reduction=cfg.reduction, guidance=cfg.guidance())
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -121,10 +144,23 @@ METHODS: dict[str, MethodSpec] = {
     for spec in (
         MethodSpec("fm", "flow matching (sampled by Euler steps on u(z, t, t))", _fm, None, velocity_only=True),
         MethodSpec("meanflow", "MeanFlow (Geng et al.), JVP target", _meanflow, 0.5, jvp=True, aux=True),
-        MethodSpec("alphaflow", "alpha-Flow (Zhang et al.), sigmoid curriculum alpha 1 -> 0", _alphaflow, 0.5,
-                   jvp=True, options=("alpha_start", "alpha_end", "alpha_gamma", "eta")),
-        MethodSpec("kim", "MeanFlow + Min-SNR on r = t rows + progressive interval weight (Kim et al.)", _kim, 0.5,
-                   jvp=True, aux=True, options=("kim_k", "min_snr_gamma")),
+        MethodSpec(
+            "alphaflow",
+            "alpha-Flow (Zhang et al.), sigmoid curriculum alpha 1 -> 0",
+            _alphaflow,
+            0.5,
+            jvp=True,
+            options=("alpha_start", "alpha_end", "alpha_gamma", "eta"),
+        ),
+        MethodSpec(
+            "kim",
+            "MeanFlow + Min-SNR on r = t rows + progressive interval weight (Kim et al.)",
+            _kim,
+            0.5,
+            jvp=True,
+            aux=True,
+            options=("kim_k", "min_snr_gamma"),
+        ),
         MethodSpec("splitmeanflow", "SplitMeanFlow: interval-splitting consistency, no JVP", _split, 0.5),
     )
 }

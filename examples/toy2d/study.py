@@ -61,28 +61,60 @@ OT: dict[str, Any] = {"coupling": "ot", "ot_block": 256}
 #: The rows of the study.
 ENTRIES: tuple[Entry, ...] = (
     Entry("FM", "fm", "flow matching; baseline = its 100-step Euler sampler"),
-    Entry("MeanFlow (paper weight)", "meanflow", "75% r = t, adaptive weight p = 1, c = 1e-3 (sum)",
-          PAPER_MF_WEIGHT, quick=False),
+    Entry(
+        "MeanFlow (paper weight)",
+        "meanflow",
+        "75% r = t, adaptive weight p = 1, c = 1e-3 (sum)",
+        PAPER_MF_WEIGHT,
+        quick=False,
+    ),
     Entry("MeanFlow", "meanflow", "50% r = t, plain squared error (p = 0)", {"equal_fraction": 0.5}),
-    Entry("alpha-Flow (paper schedule)", "alphaflow",
-          "sigmoid alpha 1 -> 0 over the whole run, 50% r = t, weight alpha / (||D||^2 + 1e-3)",
-          {"alpha_start": 0.0, "alpha_end": 1.0, "equal_fraction": 0.5, "weight_p": 1.0}, quick=False),
-    Entry("alpha-Flow", "alphaflow", "sigmoid alpha 1 -> 0 over the first 25% of the run, 50% r = t, p = 0",
-          {"alpha_start": 0.0, "alpha_end": 0.25, "equal_fraction": 0.5}),
-    Entry("Kim et al.", "kim", "MeanFlow p = 0, 50% r = t, + Min-SNR (5) on r = t rows + progressive interval "
-          "weight (k = 1)", {"equal_fraction": 0.5}, quick=False),
-    Entry("SplitMeanFlow", "splitmeanflow", "lambda ~ U(0, 1), 50% boundary (r = t) rows, p = 0",
-          {"equal_fraction": 0.5}, quick=False),
+    Entry(
+        "alpha-Flow (paper schedule)",
+        "alphaflow",
+        "sigmoid alpha 1 -> 0 over the whole run, 50% r = t, weight alpha / (||D||^2 + 1e-3)",
+        {"alpha_start": 0.0, "alpha_end": 1.0, "equal_fraction": 0.5, "weight_p": 1.0},
+        quick=False,
+    ),
+    Entry(
+        "alpha-Flow",
+        "alphaflow",
+        "sigmoid alpha 1 -> 0 over the first 25% of the run, 50% r = t, p = 0",
+        {"alpha_start": 0.0, "alpha_end": 0.25, "equal_fraction": 0.5},
+    ),
+    Entry(
+        "Kim et al.",
+        "kim",
+        "MeanFlow p = 0, 50% r = t, + Min-SNR (5) on r = t rows + progressive interval weight (k = 1)",
+        {"equal_fraction": 0.5},
+        quick=False,
+    ),
+    Entry(
+        "SplitMeanFlow",
+        "splitmeanflow",
+        "lambda ~ U(0, 1), 50% boundary (r = t) rows, p = 0",
+        {"equal_fraction": 0.5},
+        quick=False,
+    ),
     # The same recipes with noise and data paired by minibatch optimal transport (exact assignment in blocks of
     # OT["ot_block"] rows; Tong et al. 2023, Pooladian et al. 2023) instead of independently.
     Entry("FM (OT)", "fm", "flow matching with minibatch OT coupling; baseline of the OT rows", OT),
     Entry("MeanFlow (OT)", "meanflow", "as MeanFlow, minibatch OT coupling", {"equal_fraction": 0.5, **OT}),
-    Entry("alpha-Flow (OT)", "alphaflow", "as alpha-Flow, minibatch OT coupling",
-          {"alpha_start": 0.0, "alpha_end": 0.25, "equal_fraction": 0.5, **OT}, quick=False),
-    Entry("Kim et al. (OT)", "kim", "as Kim et al., minibatch OT coupling", {"equal_fraction": 0.5, **OT},
-          quick=False),
-    Entry("SplitMeanFlow (OT)", "splitmeanflow", "as SplitMeanFlow, minibatch OT coupling",
-          {"equal_fraction": 0.5, **OT}, quick=False),
+    Entry(
+        "alpha-Flow (OT)",
+        "alphaflow",
+        "as alpha-Flow, minibatch OT coupling",
+        {"alpha_start": 0.0, "alpha_end": 0.25, "equal_fraction": 0.5, **OT},
+        quick=False,
+    ),
+    Entry("Kim et al. (OT)", "kim", "as Kim et al., minibatch OT coupling", {"equal_fraction": 0.5, **OT}, quick=False),
+    Entry(
+        "SplitMeanFlow (OT)",
+        "splitmeanflow",
+        "as SplitMeanFlow, minibatch OT coupling",
+        {"equal_fraction": 0.5, **OT},
+        quick=False,
+    ),
 )
 
 
@@ -103,8 +135,12 @@ def _progress(entry: Entry, seed: int, rec: dict[str, Any]) -> None:
     if "unavailable" in rec:
         print(f"note: skipped {entry.label} (seed {seed}): {rec['unavailable']}", flush=True)
         return
-    print(f"  {entry.label:<14} seed {seed}: SW2 " + "  ".join(f"{k}:{v['sw2']:.3f}" for k, v in rec["metrics"].items())
-          + f"  ({rec['train_seconds']:.0f} s)", flush=True)
+    print(
+        f"  {entry.label:<14} seed {seed}: SW2 "
+        + "  ".join(f"{k}:{v['sw2']:.3f}" for k, v in rec["metrics"].items())
+        + f"  ({rec['train_seconds']:.0f} s)",
+        flush=True,
+    )
 
 
 def _mean_std(values: list[float]) -> str:
@@ -115,9 +151,17 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def run_study(entries: tuple[Entry, ...], seeds: list[int], base: TrainConfig, out: Path, jobs: int = 1,
-              run_dir: Path | None = None, quick: bool = False, reuse: bool = False,
-              command: str = "") -> dict[str, Any]:
+def run_study(
+    entries: tuple[Entry, ...],
+    seeds: list[int],
+    base: TrainConfig,
+    out: Path,
+    jobs: int = 1,
+    run_dir: Path | None = None,
+    quick: bool = False,
+    reuse: bool = False,
+    command: str = "",
+) -> dict[str, Any]:
     """Train every entry for every seed, then write ``toy2d_study.md`` and ``figures/toy2d_study.png`` to ``out``.
 
     Args:
@@ -146,11 +190,15 @@ def run_study(entries: tuple[Entry, ...], seeds: list[int], base: TrainConfig, o
             else:
                 opts.setdefault("conflict_every", 0)
             out_run = str(run_dir / f"{slug(e.label)}_s{s}") if run_dir else None
-            cfg = replace(base, method=e.method, seed=s, out=out_run, threads=1,
-                          figures=bool(out_run) and s == seeds[0], **opts)
+            cfg = replace(
+                base, method=e.method, seed=s, out=out_run, threads=1, figures=bool(out_run) and s == seeds[0], **opts
+            )
             jobs_list.append((e, s, cfg))
-    print(f"toy2d study: {len(entries)} methods x {len(seeds)} seed(s), {base.steps} steps at batch {base.batch} "
-          f"on {base.dataset}, {jobs} job(s) in parallel", flush=True)
+    print(
+        f"toy2d study: {len(entries)} methods x {len(seeds)} seed(s), {base.steps} steps at batch {base.batch} "
+        f"on {base.dataset}, {jobs} job(s) in parallel",
+        flush=True,
+    )
     records: list[dict[str, Any]] = [{} for _ in jobs_list]
     if jobs > 1:
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
@@ -177,19 +225,28 @@ def run_study(entries: tuple[Entry, ...], seeds: list[int], base: TrainConfig, o
     # FM's many-step distance per (coupling, seed): "independent" is the issue's baseline for every row; each row
     # is also compared with the FM run of its own coupling.
     baseline_by = baseline_by_coupling(rows, str(max(base.eval_steps)))
-    baselines = {c: statistics.mean(v for (c2, _), v in baseline_by.items() if c2 == c)
-                 for c in sorted({c for c, _ in baseline_by})}  # coupling -> mean over seeds
+    baselines = {
+        c: statistics.mean(v for (c2, _), v in baseline_by.items() if c2 == c)
+        for c in sorted({c for c, _ in baseline_by})
+    }  # coupling -> mean over seeds
     baseline = baselines.get("independent")
     for row in rows.values():
         row["sw2"] = {k: [r["metrics"][k]["sw2"] for r in row["records"]] for k in map(str, base.eval_steps)}
         row["energy"] = {k: [r["metrics"][k]["energy"] for r in row["records"]] for k in map(str, base.eval_steps)}
-        row["on_cells"] = {k: [r["metrics"][k]["on_cells"] for r in row["records"] if "on_cells" in r["metrics"][k]]
-                           for k in map(str, base.eval_steps)}
-        row["ratio"] = [r["metrics"]["1"]["sw2"] / baseline_by[("independent", s)]
-                        for s, r in zip(row["seeds"], row["records"], strict=True) if ("independent", s) in baseline_by]
-        row["ratio_same"] = [r["metrics"]["1"]["sw2"] / baseline_by[(r["config"]["coupling"], s)]
-                             for s, r in zip(row["seeds"], row["records"], strict=True)
-                             if (r["config"]["coupling"], s) in baseline_by]
+        row["on_cells"] = {
+            k: [r["metrics"][k]["on_cells"] for r in row["records"] if "on_cells" in r["metrics"][k]]
+            for k in map(str, base.eval_steps)
+        }
+        row["ratio"] = [
+            r["metrics"]["1"]["sw2"] / baseline_by[("independent", s)]
+            for s, r in zip(row["seeds"], row["records"], strict=True)
+            if ("independent", s) in baseline_by
+        ]
+        row["ratio_same"] = [
+            r["metrics"]["1"]["sw2"] / baseline_by[(r["config"]["coupling"], s)]
+            for s, r in zip(row["seeds"], row["records"], strict=True)
+            if (r["config"]["coupling"], s) in baseline_by
+        ]
         row["coupling"] = row["records"][0]["config"]["coupling"]
         row["seconds"] = statistics.mean(r["train_seconds"] for r in row["records"])
     seconds = time.perf_counter() - t0
@@ -243,12 +300,14 @@ def _conflict_lines(rows: dict[str, Any]) -> list[str]:
                     f"cos(grad L_TFM, grad L_TCc) mean {c['mean']:+.2f}, 5th-95th percentile "
                     f"[{c['p5']:+.2f}, {c['p95']:+.2f}], negative at {100 * c['frac_negative']:.0f}% of checks; "
                     f"cos(grad L_FM', grad L_TCc) mean {b['mean']:+.2f} (alpha-Flow paper: the first below -0.4 "
-                    "for over 95% of MeanFlow training, the second consistently higher).")
+                    "for over 95% of MeanFlow training, the second consistently higher)."
+                )
     return lines
 
 
-def write_report(result: dict[str, Any], base: TrainConfig, seeds: list[int], out: Path, quick: bool,
-                 command: str = "") -> Path:
+def write_report(
+    result: dict[str, Any], base: TrainConfig, seeds: list[int], out: Path, quick: bool, command: str = ""
+) -> Path:
     """Write the markdown table and the comparison figure of a finished study."""
     rows, baseline = result["rows"], result["baseline"]
     out.mkdir(parents=True, exist_ok=True)
@@ -269,7 +328,8 @@ def write_report(result: dict[str, Any], base: TrainConfig, seeds: list[int], ou
         f"{'EMA ' + str(base.ema) if base.ema else 'no EMA'}, adaptive weight p = {base.weight_p:g} "
         f"({base.reduction} over data dims).",
         "",
-        "| method | recipe | " + " | ".join(f"SW2 {k} step{'s' if k != '1' else ''}" for k in ks)
+        "| method | recipe | "
+        + " | ".join(f"SW2 {k} step{'s' if k != '1' else ''}" for k in ks)
         + f" | 1-step / FM-{ks[-1]} | 1-step / FM-{ks[-1]} same coupling | energy dist. 1 step "
         f"| on dark cells, 1 step / {ks[-1]} | train s/run |",
         "|---|---|" + "---|" * len(ks) + "---|---|---|---|---|",
@@ -279,14 +339,23 @@ def write_report(result: dict[str, Any], base: TrainConfig, seeds: list[int], ou
         ratio = _mean_std(row["ratio"]) if not (is_fm and row["coupling"] == "independent") else "—"
         ratio_same = _mean_std(row["ratio_same"]) if not is_fm else "—"
         cells = " / ".join(_mean_std(row["on_cells"][k]) for k in (ks[0], ks[-1]))
-        lines.append(f"| {label} | {row['entry'].recipe} | " + " | ".join(_mean_std(row["sw2"][k]) for k in ks)
-                     + f" | {ratio} | {ratio_same} | {_mean_std(row['energy']['1'])} | {cells} "
-                     f"| {row['seconds']:.0f} |")
-    refs = {seed: rec["reference"]["sw2"]
-            for row in rows.values() for seed, rec in zip(row["seeds"], row["records"], strict=True)}
-    lines += ["", f"Noise floor: two independent target sets differ by SW2 {_mean_std(list(refs.values()))} "
-              "(one pair per seed). On dark cells: share of samples "
-              "on the checkerboard's dark cells (target 1; a blur that fills the board evenly scores about 0.5)."]
+        lines.append(
+            f"| {label} | {row['entry'].recipe} | "
+            + " | ".join(_mean_std(row["sw2"][k]) for k in ks)
+            + f" | {ratio} | {ratio_same} | {_mean_std(row['energy']['1'])} | {cells} "
+            f"| {row['seconds']:.0f} |"
+        )
+    refs = {
+        seed: rec["reference"]["sw2"]
+        for row in rows.values()
+        for seed, rec in zip(row["seeds"], row["records"], strict=True)
+    }
+    lines += [
+        "",
+        f"Noise floor: two independent target sets differ by SW2 {_mean_std(list(refs.values()))} "
+        "(one pair per seed). On dark cells: share of samples "
+        "on the checkerboard's dark cells (target 1; a blur that fills the board evenly scores about 0.5).",
+    ]
     if baseline is not None:
         lines.append(f"FM baseline ({ks[-1]} Euler steps): SW2 {baseline:.3f}; 1.5x target: {1.5 * baseline:.3f}.")
     others = {f"FM ({c.upper()}) {ks[-1]}-step Euler": v for c, v in result["baselines"].items() if c != "independent"}
@@ -301,18 +370,25 @@ def write_report(result: dict[str, Any], base: TrainConfig, seeds: list[int], ou
         lines += ["", line]
     for label, reason in result["skipped"].items():
         lines += ["", f"Skipped {label}: {reason}"]
-    lines += ["", "![comparison](figures/toy2d_study.png)", "",
-              "Per-run figures of the first seed (samples of every method; MeanFlow's trajectories and gradient "
-              "conflict; alpha-Flow's loss and alpha schedule): `figures/toy2d_<row>_<figure>.png`, for example "
-              "[MeanFlow's gradient conflict](figures/toy2d_meanflow_conflict.png).", "",
-              f"Wall time of the whole study: {result['seconds']:.0f} s on {os.cpu_count()} CPU(s), "
-              f"torch {torch.__version__}. Command: "
-              f"`{command or 'python -m examples.toy2d.study' + (' --quick' if quick else '')}`."]
+    lines += [
+        "",
+        "![comparison](figures/toy2d_study.png)",
+        "",
+        "Per-run figures of the first seed (samples of every method; MeanFlow's trajectories and gradient "
+        "conflict; alpha-Flow's loss and alpha schedule): `figures/toy2d_<row>_<figure>.png`, for example "
+        "[MeanFlow's gradient conflict](figures/toy2d_meanflow_conflict.png).",
+        "",
+        f"Wall time of the whole study: {result['seconds']:.0f} s on {os.cpu_count()} CPU(s), "
+        f"torch {torch.__version__}. Command: "
+        f"`{command or 'python -m examples.toy2d.study' + (' --quick' if quick else '')}`.",
+    ]
     n_reused = sum(bool(r.get("reevaluated")) for row in rows.values() for r in row["records"])
     if n_reused:
         total = sum(r["train_seconds"] for row in rows.values() for r in row["records"])
-        lines.append(f"({n_reused} run(s) were trained earlier and only re-evaluated here (`--reuse`); the training "
-                     f"time of all runs adds up to {total:.0f} s of one core each.)")
+        lines.append(
+            f"({n_reused} run(s) were trained earlier and only re-evaluated here (`--reuse`); the training "
+            f"time of all runs adds up to {total:.0f} s of one core each.)"
+        )
     path = out / "toy2d_study.md"
     path.write_text("\n".join(lines) + "\n")
     if rows:
@@ -326,16 +402,43 @@ def write_report(result: dict[str, Any], base: TrainConfig, seeds: list[int], ou
                 bars[label] = row["sw2"]["1"]
             elif row["coupling"] != "independent":  # FM with another coupling: its 1-step bar and its baseline
                 bars[f"{label}, 1 Euler step"] = row["sw2"]["1"]
-        figures.plot_study(torch.from_numpy(first["_target"]), samples, bars, baseline, fig_dir / "toy2d_study.png",
-                           title=f"{base.dataset}, {base.steps} steps, seeds {seeds}", baseline_steps=int(ks[-1]),
-                           extra_lines=others)
-    summary = {label: {"sw2": row["sw2"], "energy": row["energy"], "on_cells": row["on_cells"],
-                       "ratio": row["ratio"], "ratio_same_coupling": row["ratio_same"], "seeds": row["seeds"],
-                       "recipe": row["entry"].recipe, "options": row["entry"].options}
-               for label, row in rows.items()}
-    (out / "toy2d_study.json").write_text(json.dumps(
-        {"baseline": baseline, "skipped": result["skipped"], "rows": summary, "steps": base.steps,
-         "batch": base.batch, "seconds": result["seconds"]}, indent=1) + "\n")
+        figures.plot_study(
+            torch.from_numpy(first["_target"]),
+            samples,
+            bars,
+            baseline,
+            fig_dir / "toy2d_study.png",
+            title=f"{base.dataset}, {base.steps} steps, seeds {seeds}",
+            baseline_steps=int(ks[-1]),
+            extra_lines=others,
+        )
+    summary = {
+        label: {
+            "sw2": row["sw2"],
+            "energy": row["energy"],
+            "on_cells": row["on_cells"],
+            "ratio": row["ratio"],
+            "ratio_same_coupling": row["ratio_same"],
+            "seeds": row["seeds"],
+            "recipe": row["entry"].recipe,
+            "options": row["entry"].options,
+        }
+        for label, row in rows.items()
+    }
+    (out / "toy2d_study.json").write_text(
+        json.dumps(
+            {
+                "baseline": baseline,
+                "skipped": result["skipped"],
+                "rows": summary,
+                "steps": base.steps,
+                "batch": base.batch,
+                "seconds": result["seconds"],
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"wrote {path} and {fig_dir / 'toy2d_study.png'}")
     return path
 
@@ -369,8 +472,10 @@ def baseline_by_coupling(rows: dict[str, Any], k: str) -> dict[tuple[str, int], 
         for s, rec in zip(row["seeds"], row["records"], strict=True):
             coupling = rec["config"]["coupling"]
             if owner.setdefault(coupling, label) != label:
-                raise ValueError(f"FM rows {owner[coupling]!r} and {label!r} both use coupling={coupling!r}: "
-                                 "the baseline of that coupling is ambiguous")
+                raise ValueError(
+                    f"FM rows {owner[coupling]!r} and {label!r} both use coupling={coupling!r}: "
+                    "the baseline of that coupling is ambiguous"
+                )
             out[(coupling, s)] = rec["metrics"][k]["sw2"]
     return out
 
@@ -379,8 +484,12 @@ def _compare(rows: dict[str, Any], a: str, b: str) -> str:
     if a not in rows or b not in rows:
         return ""
     ra, rb = rows[a], rows[b]
-    diffs = [x - y for sa, x in zip(ra["seeds"], ra["sw2"]["1"], strict=True)
-             for sb, y in zip(rb["seeds"], rb["sw2"]["1"], strict=True) if sa == sb]
+    diffs = [
+        x - y
+        for sa, x in zip(ra["seeds"], ra["sw2"]["1"], strict=True)
+        for sb, y in zip(rb["seeds"], rb["sw2"]["1"], strict=True)
+        if sa == sb
+    ]
     if not diffs:
         return ""
     wins = sum(d < 0 for d in diffs)
@@ -390,29 +499,48 @@ def _compare(rows: dict[str, Any], a: str, b: str) -> str:
         verdict = f"{a} beats {b} at equal steps on every seed"
     else:
         verdict = f"{a} is better than {b} on average at equal steps, but not on every seed"
-    return (f"{verdict}: 1-step SW2 difference ({a} − {b}) {_mean_std(diffs)} over {len(diffs)} seed(s), "
-            f"{a} lower on {wins} of {len(diffs)}.")
+    return (
+        f"{verdict}: 1-step SW2 difference ({a} − {b}) {_mean_std(diffs)} over {len(diffs)} seed(s), "
+        f"{a} lower on {wins} of {len(diffs)}."
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m examples.toy2d.study", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="README demo: 1 seed, short runs (< 3 min on 2 cores)")
     p.add_argument("--seeds", type=RANGES["seed"], nargs="+", default=None, help="default 0 1 2 (quick: 0)")
-    p.add_argument("--steps", type=RANGES["steps"], default=None,
-                   help="training steps of every run (default 4000, quick 1500)")
+    p.add_argument(
+        "--steps", type=RANGES["steps"], default=None, help="training steps of every run (default 4000, quick 1500)"
+    )
     p.add_argument("--batch", type=RANGES["batch"], default=None, help="batch size (default 1024)")
     p.add_argument("--methods", nargs="+", default=None, help="labels or method names to run (default all)")
-    p.add_argument("--dataset", default="checkerboard", choices=sorted(datasets.DATASETS),
-                   help="target distribution (default checkerboard)")
+    p.add_argument(
+        "--dataset",
+        default="checkerboard",
+        choices=sorted(datasets.DATASETS),
+        help="target distribution (default checkerboard)",
+    )
     p.add_argument("--jobs", type=Range(int, 1), default=None, help="parallel runs (default: 1, quick: 2)")
-    p.add_argument("--out", default=None,
-                   help="folder of the table and figures (default docs/, with --quick runs/toy2d_quick/)")
-    p.add_argument("--conflict-every", type=RANGES["conflict_every"], default=None,
-                   help="gradient-cosine check period on MeanFlow (default 20, quick 25; 0: off)")
-    p.add_argument("--eval-points", type=RANGES["eval_points"], default=None,
-                   help="points per evaluation set (default 32768, with --quick 8192)")
-    p.add_argument("--reuse", action="store_true",
-                   help="re-evaluate finished runs with the same training options instead of training them again")
+    p.add_argument(
+        "--out", default=None, help="folder of the table and figures (default docs/, with --quick runs/toy2d_quick/)"
+    )
+    p.add_argument(
+        "--conflict-every",
+        type=RANGES["conflict_every"],
+        default=None,
+        help="gradient-cosine check period on MeanFlow (default 20, quick 25; 0: off)",
+    )
+    p.add_argument(
+        "--eval-points",
+        type=RANGES["eval_points"],
+        default=None,
+        help="points per evaluation set (default 32768, with --quick 8192)",
+    )
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="re-evaluate finished runs with the same training options instead of training them again",
+    )
     return p
 
 
@@ -438,14 +566,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.methods:
         entries = tuple(e for e in ENTRIES if e.label in args.methods or e.method in args.methods)
         if not entries:
-            parser.error(f"argument --methods: {args.methods} matches none of "
-                         f"{[e.label for e in ENTRIES]} / {[e.method for e in ENTRIES]}")
+            parser.error(
+                f"argument --methods: {args.methods} matches none of "
+                f"{[e.label for e in ENTRIES]} / {[e.method for e in ENTRIES]}"
+            )
     out = Path(args.out or ("runs/toy2d_quick" if quick else "docs"))
     jobs = args.jobs or (min(2, os.cpu_count() or 1) if quick else 1)
     run_dir = Path("runs/toy2d_study_quick" if quick else "runs/toy2d_study")
     command = " ".join(["python -m examples.toy2d.study", *(sys.argv[1:] if argv is None else argv)])
-    result = run_study(entries, seeds, base, out, jobs=jobs, run_dir=run_dir, quick=quick, reuse=args.reuse,
-                       command=command)
+    result = run_study(
+        entries, seeds, base, out, jobs=jobs, run_dir=run_dir, quick=quick, reuse=args.reuse, command=command
+    )
     sys.stdout.write((out / "toy2d_study.md").read_text())
     return result
 

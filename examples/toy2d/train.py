@@ -210,14 +210,19 @@ class TrainConfig:
         cli.check_ranges(self, RANGES)
         self.eval_steps = tuple(int(s) for s in self.eval_steps)
         if len(self.guidance_interval) != 2 or self.guidance_interval[0] > self.guidance_interval[1]:
-            raise ConfigError(f"guidance_interval must be (lo, hi) with lo <= hi, got {self.guidance_interval}",
-                              ("guidance_interval",))
+            raise ConfigError(
+                f"guidance_interval must be (lo, hi) with lo <= hi, got {self.guidance_interval}",
+                ("guidance_interval",),
+            )
         if self.alpha_start > self.alpha_end:
-            raise ConfigError(f"need alpha_start <= alpha_end, got {self.alpha_start}, {self.alpha_end}",
-                              ("alpha_start", "alpha_end"))
+            raise ConfigError(
+                f"need alpha_start <= alpha_end, got {self.alpha_start}, {self.alpha_end}", ("alpha_start", "alpha_end")
+            )
         if self.coupling == "reflow" and not self.reflow_from:
-            raise ConfigError("coupling reflow needs reflow_from, the checkpoint.pt of the teacher whose ODE makes "
-                              "the pairs", ("coupling", "reflow_from"))
+            raise ConfigError(
+                "coupling reflow needs reflow_from, the checkpoint.pt of the teacher whose ODE makes the pairs",
+                ("coupling", "reflow_from"),
+            )
         for name in ("init_from", "teacher", "reflow_from"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
@@ -244,28 +249,42 @@ class TrainConfig:
         probe = self.conflict_every > 0
         jvp = _methods(lambda m: m.jvp)
         pairs = _methods(lambda m: m.equal_fraction is not None)
-        conditional = (f"--dataset {self.dataset}{' --no-conditional' if self.conditional is False else ''}",
-                       "a class-conditional run (--conditional; the default for --dataset mixture)")
+        conditional = (
+            f"--dataset {self.dataset}{' --no-conditional' if self.conditional is False else ''}",
+            "a class-conditional run (--conditional; the default for --dataset mixture)",
+        )
         rules: dict[str, tuple[bool, str, str]] = {  # name: (has an effect, the options that make it moot, needs)
             "jvp": (spec.jvp or probe, method, f"{jvp} (a JVP objective) or --conflict-every > 0"),
             "tangent": (spec.jvp, method, f"{jvp} (a JVP objective)"),
             "aux_weight": (spec.aux, method, _methods(lambda m: m.aux)),
-            "equal_fraction": (spec.equal_fraction is not None or probe, method,
-                               f"{pairs} (r = t rows) or --conflict-every > 0"),
+            "equal_fraction": (
+                spec.equal_fraction is not None or probe,
+                method,
+                f"{pairs} (r = t rows) or --conflict-every > 0",
+            ),
             "equal_draw": (spec.equal_fraction is not None, method, f"{pairs} (r = t rows)"),
-            **{name: (self.is_conditional, *conditional) for name in ("omega", "kappa", "drop_prob",
-                                                                       "guidance_interval")},
+            **{
+                name: (self.is_conditional, *conditional)
+                for name in ("omega", "kappa", "drop_prob", "guidance_interval")
+            },
             "ot_block": (self.coupling == "ot", f"--coupling {self.coupling}", "--coupling ot"),
-            **{name: (self.coupling == "reflow", f"--coupling {self.coupling}", "--coupling reflow")
-               for name in ("reflow_from", "reflow_pool", "reflow_steps")},
+            **{
+                name: (self.coupling == "reflow", f"--coupling {self.coupling}", "--coupling reflow")
+                for name in ("reflow_from", "reflow_pool", "reflow_steps")
+            },
             "conflict_batch": (probe, "--conflict-every 0", "--conflict-every > 0"),
-            "time_mean": (self.time_dist == "logit_normal", f"--time-dist {self.time_dist}",
-                          "--time-dist logit_normal"),
-            "time_std": (self.time_dist == "logit_normal", f"--time-dist {self.time_dist}",
-                         "--time-dist logit_normal"),
+            "time_mean": (
+                self.time_dist == "logit_normal",
+                f"--time-dist {self.time_dist}",
+                "--time-dist logit_normal",
+            ),
+            "time_std": (self.time_dist == "logit_normal", f"--time-dist {self.time_dist}", "--time-dist logit_normal"),
             "lr_final": (self.lr_schedule != "constant", "--lr-schedule constant", "--lr-schedule cosine or linear"),
-            "weight_c": (self.weight_p > 0 or probe, f"--weight-p {self.weight_p:g}",
-                         "--weight-p > 0 or --conflict-every > 0"),
+            "weight_c": (
+                self.weight_p > 0 or probe,
+                f"--weight-p {self.weight_p:g}",
+                "--weight-p > 0 or --conflict-every > 0",
+            ),
             "checkpoint_every": (self.checkpoint, "--no-checkpoint", "--checkpoint"),
         }
         for other in METHODS.values():  # options only some methods read (registry: MethodSpec.options)
@@ -297,8 +316,13 @@ class TrainConfig:
         """Training-time guidance and label dropout for conditional runs; ``None`` otherwise."""
         if not self.is_conditional:
             return None
-        return mfl.TrainingGuidance(omega=self.omega, kappa=self.kappa, interval=self.guidance_interval,
-                                    drop_prob=self.drop_prob, null_condition=NullLabel(self.num_classes))
+        return mfl.TrainingGuidance(
+            omega=self.omega,
+            kappa=self.kappa,
+            interval=self.guidance_interval,
+            drop_prob=self.drop_prob,
+            null_condition=NullLabel(self.num_classes),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready options (resolved method defaults included)."""
@@ -319,8 +343,16 @@ class NullLabel:
 
 def build_model(cfg: TrainConfig) -> VelocityMLP:
     """The toy network for ``cfg`` (seeded by the caller)."""
-    return VelocityMLP(dim=2, hidden=cfg.width, depth=cfg.depth, emb_dim=cfg.emb_dim, max_freq=cfg.max_freq,
-                       num_classes=cfg.num_classes, act=cfg.act, arch=cfg.arch)
+    return VelocityMLP(
+        dim=2,
+        hidden=cfg.width,
+        depth=cfg.depth,
+        emb_dim=cfg.emb_dim,
+        max_freq=cfg.max_freq,
+        num_classes=cfg.num_classes,
+        act=cfg.act,
+        arch=cfg.arch,
+    )
 
 
 def as_sampler(model: torch.nn.Module, velocity_only: bool) -> Any:
@@ -340,6 +372,7 @@ def _lr_lambda(cfg: TrainConfig):
         frac = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
         shape = 0.5 * (1 + math.cos(math.pi * frac)) if cfg.lr_schedule == "cosine" else 1.0 - frac
         return cfg.lr_final + (1.0 - cfg.lr_final) * shape
+
     return fn
 
 
@@ -348,8 +381,9 @@ def _conditioning(cfg: TrainConfig, y: torch.Tensor) -> dict[str, Any] | None:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, cfg: TrainConfig, velocity_only: bool,
-             trajectories: bool = False) -> dict[str, Any]:
+def evaluate(
+    model: torch.nn.Module, cfg: TrainConfig, velocity_only: bool, trajectories: bool = False
+) -> dict[str, Any]:
     """Sliced W2 and energy distance of ``k``-step samples (``k`` in ``cfg.eval_steps``) vs fresh targets.
 
     On the checkerboard, ``on_cells`` is also the share of samples on the dark cells (1 for the target).
@@ -382,8 +416,10 @@ def evaluate(model: torch.nn.Module, cfg: TrainConfig, velocity_only: bool,
         if trajectories:
             out["trajectories"][str(k)] = torch.stack(traj)
     gp = torch.Generator().manual_seed(EVAL_SEED)
-    out["reference"] = {"sw2": sliced_w2(other, target, generator=gp),
-                        "energy": energy_distance(other, target, cfg.energy_points)}
+    out["reference"] = {
+        "sw2": sliced_w2(other, target, generator=gp),
+        "energy": energy_distance(other, target, cfg.energy_points),
+    }
     model.train(was_training)
     return out
 
@@ -404,9 +440,14 @@ class ConflictProbe:
         self.measured: list[tuple[int, Any]] = []  # (step, GradientCosines), replayed into the tracker on resume
         eq = cfg.resolved("equal_fraction")
         self.loss = mfl.MeanFlowLoss(
-            times=mfl.TimePairSampler(cfg.time_dist, mean=cfg.time_mean, std=cfg.time_std,
-                                      equal_fraction=0.75 if eq is None else eq),
-            weighting=mfl.AdaptiveWeight(p=1.0, c=cfg.weight_c), reduction="sum", jvp=cfg.jvp, decompose=True)
+            times=mfl.TimePairSampler(
+                cfg.time_dist, mean=cfg.time_mean, std=cfg.time_std, equal_fraction=0.75 if eq is None else eq
+            ),
+            weighting=mfl.AdaptiveWeight(p=1.0, c=cfg.weight_c),
+            reduction="sum",
+            jvp=cfg.jvp,
+            decompose=True,
+        )
         self.g = torch.Generator().manual_seed(cfg.seed + 7_777)
 
     def __call__(self, model: torch.nn.Module, step: int) -> None:
@@ -419,9 +460,17 @@ class ConflictProbe:
 
     def state_dict(self) -> dict[str, Any]:
         """The probe's generator state and measurements so far (for a checkpoint)."""
-        return {"generator": self.g.get_state(),
-                "measured": [[step, [[a, b, float(c)] for (a, b), c in res.cosines.items()],
-                              {name: float(v) for name, v in res.norms.items()}] for step, res in self.measured]}
+        return {
+            "generator": self.g.get_state(),
+            "measured": [
+                [
+                    step,
+                    [[a, b, float(c)] for (a, b), c in res.cosines.items()],
+                    {name: float(v) for name, v in res.norms.items()},
+                ]
+                for step, res in self.measured
+            ],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`: the measurements are recorded into a fresh tracker again."""
@@ -497,12 +546,17 @@ def load_network(path: str, cfg: TrainConfig | None = None) -> torch.nn.Module:
     arch = ("width", "depth", "emb_dim", "max_freq", "act", "arch", "conditional", "dataset")
     own = TrainConfig(**{k: v for k, v in saved["config"].items() if k in names and k in arch})
     if cfg is not None:
-        differ = {k: (getattr(own, k), getattr(cfg, k)) for k in arch if k not in ("dataset", "conditional")
-                  and getattr(own, k) != getattr(cfg, k)} | ({"num_classes": (own.num_classes, cfg.num_classes)}
-                                                             if own.num_classes != cfg.num_classes else {})
+        differ = {
+            k: (getattr(own, k), getattr(cfg, k))
+            for k in arch
+            if k not in ("dataset", "conditional") and getattr(own, k) != getattr(cfg, k)
+        } | ({"num_classes": (own.num_classes, cfg.num_classes)} if own.num_classes != cfg.num_classes else {})
         if differ:
-            raise ConfigError(f"{path} holds another architecture: " + "; ".join(
-                f"{k} {a!r} there, {b!r} here" for k, (a, b) in differ.items()), ("init_from",))
+            raise ConfigError(
+                f"{path} holds another architecture: "
+                + "; ".join(f"{k} {a!r} there, {b!r} here" for k, (a, b) in differ.items()),
+                ("init_from",),
+            )
     net = build_model(own)
     net.load_state_dict(saved["ema"] if saved.get("ema") is not None else saved["model"])
     return net
@@ -512,8 +566,9 @@ def load_teacher(path: str, cfg: TrainConfig) -> torch.nn.Module:
     """A frozen teacher (eval mode, no gradient) from a toy run's checkpoint, conditioned like ``cfg``'s model."""
     net = load_network(path)
     if net.num_classes != cfg.num_classes:
-        raise ConfigError(f"{path} holds a network with {net.num_classes} classes, this run has {cfg.num_classes}",
-                          ("teacher",))
+        raise ConfigError(
+            f"{path} holds a network with {net.num_classes} classes, this run has {cfg.num_classes}", ("teacher",)
+        )
     return net.eval().requires_grad_(False)
 
 
@@ -528,8 +583,9 @@ class ReflowPool:
         self.noise = torch.randn(cfg.reflow_pool, 2, generator=g)
         self.y = datasets.sample(cfg.dataset, cfg.reflow_pool, g)[1]
         kw = _conditioning(cfg, self.y)
-        self.x = mfl.couplings.reflow_pairs(teacher, self.noise, steps=cfg.reflow_steps, model_kwargs=kw,
-                                            chunk_size=8192)
+        self.x = mfl.couplings.reflow_pairs(
+            teacher, self.noise, steps=cfg.reflow_steps, model_kwargs=kw, chunk_size=8192
+        )
 
     def batch(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x, y, noise)`` of ``n`` pairs drawn with replacement."""
@@ -609,15 +665,30 @@ def train(cfg: TrainConfig, reuse: bool = False, resume: bool = False) -> dict[s
     t0 = time.perf_counter()
 
     def state(step: int) -> dict[str, Any]:
-        return {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "ema_n_averaged": None if ema is None else int(ema.n_averaged), "generator": g.get_state(),
-                "torch_rng": torch.get_rng_state(), "history": hist, "resumed_at": resumed_at,
-                "seconds": seconds_before + time.perf_counter() - t0,
-                "probe": None if probe is None else probe.state_dict()}
+        return {
+            "step": step,
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "ema_n_averaged": None if ema is None else int(ema.n_averaged),
+            "generator": g.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "history": hist,
+            "resumed_at": resumed_at,
+            "seconds": seconds_before + time.perf_counter() - t0,
+            "probe": None if probe is None else probe.state_dict(),
+        }
 
     periodic = cfg.checkpoint_every if cfg.out and cfg.checkpoint else 0  # steps between checkpoints (0: none)
-    bar = tqdm(range(start, cfg.steps), desc=f"{cfg.method}/{cfg.dataset} seed {cfg.seed}", initial=start,
-               total=cfg.steps, disable=not cfg.progress, mininterval=0.5, leave=False, file=sys.stderr)
+    bar = tqdm(
+        range(start, cfg.steps),
+        desc=f"{cfg.method}/{cfg.dataset} seed {cfg.seed}",
+        initial=start,
+        total=cfg.steps,
+        disable=not cfg.progress,
+        mininterval=0.5,
+        leave=False,
+        file=sys.stderr,
+    )
     for step in bar:
         if pool is not None:
             x, y, noise = pool.batch(cfg.batch, g)
@@ -669,9 +740,16 @@ def train(cfg: TrainConfig, reuse: bool = False, resume: bool = False) -> dict[s
     return _finish(cfg, model, None if ema is None else ema.module, record, final)
 
 
-def _restore(saved: dict[str, Any], model: torch.nn.Module, opt: torch.optim.Optimizer,
-             sched: torch.optim.lr_scheduler.LRScheduler, ema: AveragedModel | None, g: torch.Generator,
-             probe: ConflictProbe | None, hist: dict[str, list[float]]) -> tuple[int, float, list[int]]:
+def _restore(
+    saved: dict[str, Any],
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    ema: AveragedModel | None,
+    g: torch.Generator,
+    probe: ConflictProbe | None,
+    hist: dict[str, list[float]],
+) -> tuple[int, float, list[int]]:
     """Load a checkpoint's training state into the freshly built objects; returns ``(step, seconds, resumed_at)``."""
     state = saved["train"]
     model.load_state_dict(saved["model"])
@@ -698,8 +776,17 @@ class ResumeError(ConfigError):
 
 #: Options that change only the evaluation and the files, not the trained model (ignored by ``reuse`` and
 #: ``resume``).
-EVAL_ONLY = ("eval_points", "eval_steps", "energy_points", "threads", "out", "figures", "checkpoint",
-             "checkpoint_every", "progress")
+EVAL_ONLY = (
+    "eval_points",
+    "eval_steps",
+    "energy_points",
+    "threads",
+    "out",
+    "figures",
+    "checkpoint",
+    "checkpoint_every",
+    "progress",
+)
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
@@ -716,15 +803,20 @@ def config_differences(saved: dict[str, Any], cfg: TrainConfig) -> dict[str, tup
     Returns:
         ``{name: (saved value, value now)}``, in JSON form (tuples as lists).
     """
-    defaults = _jsonable({f.name: f.default for f in dataclasses.fields(TrainConfig)
-                          if f.default is not dataclasses.MISSING})
+    defaults = _jsonable(
+        {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    )
     before = {**defaults, **_jsonable(saved)}
-    return {k: (before.get(k), v) for k, v in _jsonable(cfg.to_dict()).items()
-            if k not in (*EVAL_ONLY, "resolved") and before.get(k) != v}
+    return {
+        k: (before.get(k), v)
+        for k, v in _jsonable(cfg.to_dict()).items()
+        if k not in (*EVAL_ONLY, "resolved") and before.get(k) != v
+    }
 
 
-def load_finished(cfg: TrainConfig) -> tuple[torch.nn.Module, torch.nn.Module | None, dict[str, Any],
-                                             dict[str, Any] | None] | None:
+def load_finished(
+    cfg: TrainConfig,
+) -> tuple[torch.nn.Module, torch.nn.Module | None, dict[str, Any], dict[str, Any] | None] | None:
     """The model, EMA model, record and training state of a finished run in ``cfg.out`` trained with the same
     options, or None."""
     if not cfg.out:
@@ -758,8 +850,9 @@ def _read_checkpoint(out: str | None) -> tuple[Path, dict[str, Any]]:
         raise ResumeError(f"no checkpoint to resume: {path} does not exist")
     saved = torch.load(path, weights_only=True)
     if "train" not in saved:
-        raise ResumeError(f"{path} holds no training state (it was written before resuming was supported); "
-                          "train the run again")
+        raise ResumeError(
+            f"{path} holds no training state (it was written before resuming was supported); train the run again"
+        )
     return path, saved
 
 
@@ -774,8 +867,10 @@ def load_resumable(cfg: TrainConfig) -> dict[str, Any]:
     diff = config_differences(saved["config"], cfg)
     if diff:
         listed = "; ".join(f"{cli.flag(k)} {before!r} there, {now!r} here" for k, (before, now) in diff.items())
-        raise ResumeError(f"{path} was trained with other options ({listed}): leave them out to continue the "
-                          "saved run, or give another --out to start a new one")
+        raise ResumeError(
+            f"{path} was trained with other options ({listed}): leave them out to continue the "
+            "saved run, or give another --out to start a new one"
+        )
     return saved
 
 
@@ -786,8 +881,13 @@ def saved_options(out: str | None) -> dict[str, Any]:
     return {k: v for k, v in saved["config"].items() if k in names}
 
 
-def _finish(cfg: TrainConfig, model: torch.nn.Module, ema_model: torch.nn.Module | None,
-            record: dict[str, Any], train_state: dict[str, Any] | None = None) -> dict[str, Any]:
+def _finish(
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    ema_model: torch.nn.Module | None,
+    record: dict[str, Any],
+    train_state: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Evaluate (the EMA model when there is one), complete the record and save the run."""
     velocity_only = get_method(cfg.method).velocity_only
     ev = evaluate(ema_model if ema_model is not None else model, cfg, velocity_only, trajectories=cfg.figures)
@@ -801,21 +901,35 @@ def _finish(cfg: TrainConfig, model: torch.nn.Module, ema_model: torch.nn.Module
     return record
 
 
-def write_checkpoint(cfg: TrainConfig, model: torch.nn.Module, ema_model: torch.nn.Module | None,
-                     train_state: dict[str, Any] | None) -> Path:
+def write_checkpoint(
+    cfg: TrainConfig, model: torch.nn.Module, ema_model: torch.nn.Module | None, train_state: dict[str, Any] | None
+) -> Path:
     """Write ``cfg.out/checkpoint.pt`` (model, EMA model, config, training state), replacing it atomically."""
     out = Path(cfg.out)  # type: ignore[arg-type]
     out.mkdir(parents=True, exist_ok=True)
     path = out / "checkpoint.pt"
     tmp = out / "checkpoint.pt.tmp"
-    torch.save({"model": model.state_dict(), "ema": None if ema_model is None else ema_model.state_dict(),
-                "config": cfg.to_dict(), "train": train_state}, tmp)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "ema": None if ema_model is None else ema_model.state_dict(),
+            "config": cfg.to_dict(),
+            "train": train_state,
+        },
+        tmp,
+    )
     tmp.replace(path)
     return path
 
 
-def save_run(cfg: TrainConfig, record: dict[str, Any], ev: dict[str, Any], model: torch.nn.Module,
-             ema_model: torch.nn.Module | None, train_state: dict[str, Any] | None = None) -> None:
+def save_run(
+    cfg: TrainConfig,
+    record: dict[str, Any],
+    ev: dict[str, Any],
+    model: torch.nn.Module,
+    ema_model: torch.nn.Module | None,
+    train_state: dict[str, Any] | None = None,
+) -> None:
     """Write ``checkpoint.pt`` (with ``train_state``, for resuming), ``metrics.json`` and the figures of one run
     into ``cfg.out``."""
     out = Path(cfg.out)  # type: ignore[arg-type]
@@ -832,17 +946,27 @@ def save_run(cfg: TrainConfig, record: dict[str, Any], ev: dict[str, Any], model
 
     samples = {f"{name(k)}, SW2 {m['sw2']:.3f}": ev["samples"][k] for k, m in ev["metrics"].items()}
     figures.plot_samples(ev["target"], samples, out / "samples.png", suptitle=f"{cfg.method} on {cfg.dataset}")
-    figures.plot_trajectories({name(k): tr for k, tr in ev["trajectories"].items()}, ev["target"],
-                              out / "trajectories.png")
+    figures.plot_trajectories(
+        {name(k): tr for k, tr in ev["trajectories"].items()}, ev["target"], out / "trajectories.png"
+    )
     h = record["history"]
     has_alpha = any(not math.isnan(a) for a in h["alpha"])
-    figures.plot_training(h["step"], {"loss": h["loss"]}, out / "training.png",
-                          errors={"all rows": h["mse"], "r = t rows": h["fm_mse"]},
-                          alpha=h["alpha"] if has_alpha else None, title=f"{cfg.method} on {cfg.dataset}")
+    figures.plot_training(
+        h["step"],
+        {"loss": h["loss"]},
+        out / "training.png",
+        errors={"all rows": h["mse"], "r = t rows": h["fm_mse"]},
+        alpha=h["alpha"] if has_alpha else None,
+        title=f"{cfg.method} on {cfg.dataset}",
+    )
     if "conflict" in record and record["conflict"]["steps"]:
         c = record["conflict"]
-        figures.plot_conflict(c["steps"], c["cosines"], out / "conflict.png",
-                              title=f"{cfg.method}: gradient cosines of the MeanFlow loss terms")
+        figures.plot_conflict(
+            c["steps"],
+            c["cosines"],
+            out / "conflict.png",
+            title=f"{cfg.method}: gradient cosines of the MeanFlow loss terms",
+        )
 
 
 HELP: dict[str, str] = {
@@ -863,7 +987,7 @@ HELP: dict[str, str] = {
     "time_std": "logit-normal std",
     "equal_fraction": "share of r = t rows (default: the method's, 0.5)",
     "equal_draw": "times of the r = t rows: pair (t = max of the two draws, MeanFlow's code) or single (a fresh "
-                  "draw, alpha-Flow's code)",
+    "draw, alpha-Flow's code)",
     "weight_p": "adaptive weight power p of 1 / (||D||^2 + c)^p; 0 = plain squared error (MeanFlow paper: 1)",
     "weight_c": "adaptive weight constant c",
     "reduction": "sum or mean of the squared error over data dims",
@@ -891,9 +1015,9 @@ HELP: dict[str, str] = {
     "reflow_pool": "coupling reflow: number of (teacher endpoint, noise) pairs computed at the start",
     "reflow_steps": "coupling reflow: Euler steps of the teacher's ODE",
     "init_from": "checkpoint.pt of a toy run (e.g. flow matching) whose network, its EMA when saved, initialises "
-                 "the model (same --width/--depth/--emb-dim/--arch/--act)",
+    "the model (same --width/--depth/--emb-dim/--arch/--act)",
     "teacher": "checkpoint.pt of a toy run used as a frozen teacher: its velocity at (z_t, t) replaces e - x in "
-               "the target and the JVP tangent (distillation)",
+    "the target and the JVP tangent (distillation)",
     "act": "activation of the network: silu, gelu or relu",
     "arch": "network: plain MLP or residual (pre-norm blocks that each see the time embeddings)",
     "eval_points": "generated and target points of the evaluation",
@@ -907,22 +1031,29 @@ HELP: dict[str, str] = {
     "figures": "write PNG figures",
     "checkpoint": "write checkpoint.pt (model, EMA, config and the training state that --resume continues from)",
     "checkpoint_every": "also write checkpoint.pt every N training steps, so that --resume can continue an "
-                        "interrupted run (0: only at the end)",
+    "interrupted run (0: only at the end)",
     "progress": "show the progress bar",
 }
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m examples.toy2d.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=cli.HelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m examples.toy2d.train", description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter
+    )
     cli.add_config_options(p, TrainConfig, HELP, RANGES, choices(), metavars={"guidance_interval": ("LO", "HI")})
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run whose checkpoint.pt is in --out (written every --checkpoint-every steps "
-                        "and at the end) exactly where it stopped; options not given are the checkpoint's, a "
-                        "training option that differs from it is refused")
-    p.add_argument("--recipe", choices=sorted(mfl.presets.RECIPES),
-                   help="start from a named recipe's times, weighting and reduction (mfl.presets.RECIPES: imagenet = "
-                        "the papers' defaults, small_data = this study's); options given explicitly override it")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run whose checkpoint.pt is in --out (written every --checkpoint-every steps "
+        "and at the end) exactly where it stopped; options not given are the checkpoint's, a "
+        "training option that differs from it is refused",
+    )
+    p.add_argument(
+        "--recipe",
+        choices=sorted(mfl.presets.RECIPES),
+        help="start from a named recipe's times, weighting and reduction (mfl.presets.RECIPES: imagenet = "
+        "the papers' defaults, small_data = this study's); options given explicitly override it",
+    )
     return p
 
 
@@ -951,10 +1082,18 @@ def config_from_argv(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
     recipe = given.pop("recipe", None)
     try:
         method = given.get("method", TrainConfig.method)
-        from_recipe = {} if recipe is None else mfl.presets.RECIPES[recipe].flat_options(
-            {"fm": "flow_matching", "alphaflow": "alphaflow"}.get(method, "meanflow"))
-        options = {"out": default_out(method, given.get("dataset", TrainConfig.dataset),
-                                      given.get("seed", TrainConfig.seed)), **from_recipe, **given}
+        from_recipe = (
+            {}
+            if recipe is None
+            else mfl.presets.RECIPES[recipe].flat_options(
+                {"fm": "flow_matching", "alphaflow": "alphaflow"}.get(method, "meanflow")
+            )
+        )
+        options = {
+            "out": default_out(method, given.get("dataset", TrainConfig.dataset), given.get("seed", TrainConfig.seed)),
+            **from_recipe,
+            **given,
+        }
         if resume:
             options = {**saved_options(options["out"]), **options}
         cfg = TrainConfig(**options)
@@ -975,8 +1114,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     record = train(cfg, resume=resume)
     ref = record["reference"]["sw2"]
     resumed = f", resumed at step {record['resumed_at'][-1]}" if resume else ""
-    print(f"{cfg.method} on {cfg.dataset}, {cfg.steps} steps{resumed}, {record['train_seconds']:.0f} s "
-          f"(two target sets differ by SW2 {ref:.3f})")
+    print(
+        f"{cfg.method} on {cfg.dataset}, {cfg.steps} steps{resumed}, {record['train_seconds']:.0f} s "
+        f"(two target sets differ by SW2 {ref:.3f})"
+    )
     for k, m in record["metrics"].items():
         cells = f"   on dark cells {m['on_cells']:.3f}" if "on_cells" in m else ""
         print(f"  {k:>4} step(s): sliced W2 {m['sw2']:.4f}   energy distance {m['energy']:.5f}{cells}")

@@ -41,6 +41,7 @@ __all__ = [
     "start_step",
 ]
 
+
 class NonFiniteError(ValueError):
     """A loss came out NaN or inf; the message names the part that was non-finite (network output, target, ...)."""
 

@@ -311,8 +311,10 @@ class MeanFlowLoss:
     def _refuse_batch_statistics(self, model: Any) -> None:
         bn = batch_stat_layers(model)
         if bn:
-            what = "jvp='joint' splits the gradient forward" if self.jvp == "joint" else (
-                "aux_velocity_weight > 0 doubles the rows of the gradient forward"
+            what = (
+                "jvp='joint' splits the gradient forward"
+                if self.jvp == "joint"
+                else ("aux_velocity_weight > 0 doubles the rows of the gradient forward")
             )
             raise ValueError(
                 f"the model normalises with batch statistics ({', '.join(bn[:3])}) and {what}, so its statistics "

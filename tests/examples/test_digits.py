@@ -133,19 +133,22 @@ def test_every_cli_option_has_help_a_range_or_choices_and_its_default_once():
     assert "{uniform,logit_normal}" in text
 
 
-@pytest.mark.parametrize("argv,expected", [
-    (["--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
-    (["--fm-steps", "-1"], "argument --fm-steps: must be an integer >= 0, got -1"),
-    (["--lr", "0"], "argument --lr: must be a number > 0, got 0"),
-    (["--ema", "1"], "argument --ema: must be a number in [0, 1), got 1"),
-    (["--kappa", "1"], "argument --kappa: must be a number < 1, got 1"),
-    (["--drop-prob", "nan"], "argument --drop-prob: must be a number in [0, 1), got nan"),
-    (["--equal-fraction", "1.5"], "argument --equal-fraction: must be a number in [0, 1], got 1.5"),
-    (["--per-class", "0"], "argument --per-class: must be an integer >= 1, got 0"),
-    (["--time-dist", "beta"], "argument --time-dist: invalid choice: 'beta'"),
-    (["--heads", "3"], "argument --width/--heads: width must be a multiple of heads, got width=64, heads=3"),
-    (["--fm-steps", "0", "--fm-sample-steps", "10"], "argument --fm-sample-steps: has no effect with --fm-steps 0"),
-])
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
+        (["--fm-steps", "-1"], "argument --fm-steps: must be an integer >= 0, got -1"),
+        (["--lr", "0"], "argument --lr: must be a number > 0, got 0"),
+        (["--ema", "1"], "argument --ema: must be a number in [0, 1), got 1"),
+        (["--kappa", "1"], "argument --kappa: must be a number < 1, got 1"),
+        (["--drop-prob", "nan"], "argument --drop-prob: must be a number in [0, 1), got nan"),
+        (["--equal-fraction", "1.5"], "argument --equal-fraction: must be a number in [0, 1], got 1.5"),
+        (["--per-class", "0"], "argument --per-class: must be an integer >= 1, got 0"),
+        (["--time-dist", "beta"], "argument --time-dist: invalid choice: 'beta'"),
+        (["--heads", "3"], "argument --width/--heads: width must be a multiple of heads, got width=64, heads=3"),
+        (["--fm-steps", "0", "--fm-sample-steps", "10"], "argument --fm-sample-steps: has no effect with --fm-steps 0"),
+    ],
+)
 def test_cli_errors_are_usage_errors_naming_the_option(argv, expected, capsys):
     with pytest.raises(SystemExit) as exc:
         config_from_argv(argv)

@@ -12,8 +12,9 @@ from examples.digits import train as digits_train
 from examples.digits.data import load_digits
 from examples.digits.train import DigitsConfig, _train_generator
 
-TINY = DigitsConfig(width=16, depth=1, heads=2, batch=16, warmup=1, classifier_steps=5, per_class=4,
-                    fm_sample_steps=2, progress=False)
+TINY = DigitsConfig(
+    width=16, depth=1, heads=2, batch=16, warmup=1, classifier_steps=5, per_class=4, fm_sample_steps=2, progress=False
+)
 
 
 def test_train_generator_starts_from_init_and_passes_teacher_and_noise(monkeypatch):

@@ -164,8 +164,13 @@ def test_readme_gives_a_launch_command_for_every_config():
 
 @pytest.mark.parametrize(
     "type_name,cls",
-    [("meanflow", mfl.MeanFlowLoss), ("fm", mfl.FlowMatchingLoss), ("splitmeanflow", mfl.SplitMeanFlowLoss),
-     ("shortcut", mfl.ShortcutLoss), ("AlphaFlowLoss", mfl.AlphaFlowLoss)],
+    [
+        ("meanflow", mfl.MeanFlowLoss),
+        ("fm", mfl.FlowMatchingLoss),
+        ("splitmeanflow", mfl.SplitMeanFlowLoss),
+        ("shortcut", mfl.ShortcutLoss),
+        ("AlphaFlowLoss", mfl.AlphaFlowLoss),
+    ],
 )
 def test_objective_types_by_package_registry_name(type_name, cls):
     spec = {"type": type_name, "times": {"type": "TimePairSampler", "equal_fraction": 0.5}}

@@ -247,8 +247,13 @@ def test_distill_config_two_processes_with_a_guided_teacher(fm_run, latents, tmp
     assert torch.load(dit_runtime.find_latest_checkpoint(run_dir), weights_only=True)["step"] == 5
 
 
-@pytest.mark.parametrize(("config", "key", "flag"), [("meanflow_finetune_b2", "init_from_fm", "--init-from-fm"),
-                                                     ("meanflow_distill_b2", "teacher_checkpoint", "--teacher")])
+@pytest.mark.parametrize(
+    ("config", "key", "flag"),
+    [
+        ("meanflow_finetune_b2", "init_from_fm", "--init-from-fm"),
+        ("meanflow_distill_b2", "teacher_checkpoint", "--teacher"),
+    ],
+)
 def test_configs_refuse_to_start_without_their_required_checkpoint(latents, tmp_path, config, key, flag):
     assert key in load_config(config).train.requires
     args = ["--config", config, "--data", str(latents), "--run-dir", str(tmp_path), "--device", "cpu"]

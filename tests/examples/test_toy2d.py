@@ -139,8 +139,9 @@ def test_cli_meanflow_with_ema_schedule_figures_and_conflict(tmp_path, capsys):
 
 @pytest.mark.parametrize("coupling", ["independent", "ot"])
 def test_class_mixture_with_training_guidance(tmp_path, coupling):
-    cfg = TrainConfig(method="meanflow", dataset="mixture", kappa=0.5, coupling=coupling, out=None, figures=False,
-                      **TINY)
+    cfg = TrainConfig(
+        method="meanflow", dataset="mixture", kappa=0.5, coupling=coupling, out=None, figures=False, **TINY
+    )
     assert cfg.num_classes == 4 and cfg.guidance() is not None
     rec = train(cfg)
     assert math.isfinite(rec["metrics"]["1"]["sw2"])
@@ -188,8 +189,9 @@ def test_reuse_accepts_a_run_saved_before_an_option_existed(tmp_path):
 
 
 def test_improved_meanflow_options_reach_the_objective(tmp_path):
-    cfg = TrainConfig(method="meanflow", tangent="model", aux_weight=0.5, equal_draw="single", out=None,
-                      figures=False, **TINY)
+    cfg = TrainConfig(
+        method="meanflow", tangent="model", aux_weight=0.5, equal_draw="single", out=None, figures=False, **TINY
+    )
     obj = registry.build_objective(cfg)
     assert (obj.tangent, obj.aux_velocity_weight, obj.times.equal_draw) == ("model", 0.5, "single")
     rec = train(cfg)
@@ -233,11 +235,12 @@ def test_ot_pair_is_the_exact_assignment_within_each_block():
     x, noise = torch.randn(12, 2, generator=g), torch.randn(12, 2, generator=g)
     paired = ot_pair(x, noise, block=6)
     for lo in (0, 6):
-        xb, nb, pb = x[lo:lo + 6], noise[lo:lo + 6], paired[lo:lo + 6]
+        xb, nb, pb = x[lo : lo + 6], noise[lo : lo + 6], paired[lo : lo + 6]
         # the block's rows are a permutation of the same block's noise rows (no mixing across blocks)
         assert sorted(map(tuple, pb.tolist())) == sorted(map(tuple, nb.tolist()))
-        brute = min(sum(float((xb[i] - nb[p[i]]).square().sum()) for i in range(6))
-                    for p in itertools.permutations(range(6)))
+        brute = min(
+            sum(float((xb[i] - nb[p[i]]).square().sum()) for i in range(6)) for p in itertools.permutations(range(6))
+        )
         assert float((xb - pb).square().sum()) == pytest.approx(brute, rel=1e-6)
         assert brute < float((xb - nb).square().sum())  # the independent pairing is not already optimal
 
@@ -271,6 +274,7 @@ def test_ot_coupling_reaches_the_objective(monkeypatch, method):
         def call(model, x, **kw):
             seen.append((x, kw.get("noise")))
             return obj(model, x, **kw)
+
         return call
 
     monkeypatch.setattr(toy_train, "build_objective", spy)
@@ -281,7 +285,7 @@ def test_ot_coupling_reaches_the_objective(monkeypatch, method):
     assert len(seen) == TINY["steps"]
     for x, noise in seen:
         assert noise is not None and noise.shape == x.shape
-        assert all(_no_improving_swap(x[i:i + 16], noise[i:i + 16]) for i in range(0, len(x), 16))
+        assert all(_no_improving_swap(x[i : i + 16], noise[i : i + 16]) for i in range(0, len(x), 16))
         assert not _no_improving_swap(x, noise)  # optimal within blocks, not across the whole batch
     seen.clear()
     train(TrainConfig(method=method, out=None, figures=False, **TINY))
@@ -303,12 +307,15 @@ def test_network_variants_are_differentiable_in_time(arch, act):
     assert jvp.abs().max() > 0
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(coupling="sinkhorn"), "coupling must be"),
-    (dict(ot_block=0), "ot_block must be an integer >= 1"),
-    (dict(act="tanh"), "act must be one of"),
-    (dict(arch="unet"), "arch must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(coupling="sinkhorn"), "coupling must be"),
+        (dict(ot_block=0), "ot_block must be an integer >= 1"),
+        (dict(act="tanh"), "act must be one of"),
+        (dict(arch="unet"), "arch must be one of"),
+    ],
+)
 def test_network_and_coupling_option_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(out=None, **{**TINY, **kwargs})
@@ -327,16 +334,25 @@ def test_conflict_probe_measures_the_trained_coupling(monkeypatch):
         def call(model, x, **kw):
             seen.append((x, kw.get("noise")))
             return loss(model, x, **kw)
+
         self.loss = call
 
     monkeypatch.setattr(toy_train.ConflictProbe, "__init__", spying_init)
-    cfg = TrainConfig(method="meanflow", coupling="ot", ot_block=16, conflict_every=1, conflict_batch=32, out=None,
-                      figures=False, **TINY)
+    cfg = TrainConfig(
+        method="meanflow",
+        coupling="ot",
+        ot_block=16,
+        conflict_every=1,
+        conflict_batch=32,
+        out=None,
+        figures=False,
+        **TINY,
+    )
     rec = train(cfg)
     assert len(rec["conflict"]["steps"]) == len(seen) == TINY["steps"]
     for x, noise in seen:  # the probe's batches are paired like the training batches
         assert noise is not None and x.shape[0] == 32
-        assert all(_no_improving_swap(x[i:i + 16], noise[i:i + 16]) for i in (0, 16))
+        assert all(_no_improving_swap(x[i : i + 16], noise[i : i + 16]) for i in (0, 16))
     seen.clear()
     train(replace(cfg, coupling="independent"))
     assert len(seen) == TINY["steps"] and all(noise is None for _, noise in seen)
@@ -359,12 +375,14 @@ def test_ot_coupling_pairs_conditional_data_within_classes(monkeypatch):
         def call(model, x, **kw):
             seen.append((x, kw["noise"], kw["model_kwargs"]["y"]))
             return obj(model, x, **kw)
+
         return call
 
     monkeypatch.setattr(toy_train, "ot_pair", spy_pair)
     monkeypatch.setattr(toy_train, "build_objective", spy)
-    train(TrainConfig(method="meanflow", dataset="mixture", coupling="ot", drop_prob=0.0, out=None, figures=False,
-                      **TINY))
+    train(
+        TrainConfig(method="meanflow", dataset="mixture", coupling="ot", drop_prob=0.0, out=None, figures=False, **TINY)
+    )
     assert len(seen) == len(drawn) == TINY["steps"]
     for (x, noise, y), (raw, labels) in zip(seen, drawn, strict=True):
         assert labels is not None and torch.equal(labels, y)
@@ -403,7 +421,7 @@ def test_ot_pair_is_the_package_coupling_in_consecutive_blocks():
         order = torch.arange(70)
         for rows in groups:
             for i in range(0, rows.numel(), 16):
-                idx = rows[i:i + 16]
+                idx = rows[i : i + 16]
                 cost = torch.cdist(x[idx].double(), noise[idx].double()).square()
                 order[idx] = idx[torch.from_numpy(linear_assignment(cost.numpy()))]
         assert torch.equal(paired, noise[order])
@@ -411,8 +429,27 @@ def test_ot_pair_is_the_package_coupling_in_consecutive_blocks():
 
 # --- command line: ranges, choices, options without effect, config conflicts --------------------------------------
 
-SMALL_ARGV = ["--batch", "64", "--width", "32", "--depth", "2", "--emb-dim", "8", "--eval-points", "256",
-              "--energy-points", "128", "--eval-steps", "1", "2", "--log-every", "1", "--no-progress", "--no-figures"]
+SMALL_ARGV = [
+    "--batch",
+    "64",
+    "--width",
+    "32",
+    "--depth",
+    "2",
+    "--emb-dim",
+    "8",
+    "--eval-points",
+    "256",
+    "--energy-points",
+    "128",
+    "--eval-steps",
+    "1",
+    "2",
+    "--log-every",
+    "1",
+    "--no-progress",
+    "--no-figures",
+]
 
 
 def _usage_error(argv, capsys) -> str:
@@ -426,72 +463,117 @@ def _usage_error(argv, capsys) -> str:
     return err
 
 
-@pytest.mark.parametrize("argv,expected", [
-    (["--lr-final", "-1"], "argument --lr-final: must be a number in [0, 1], got -1"),
-    (["--width", "0"], "argument --width: must be an integer >= 1, got 0"),
-    (["--grad-clip", "-1"], "argument --grad-clip: must be a number >= 0, got -1"),
-    (["--alpha-end", "2", "--method", "alphaflow"], "argument --alpha-end: must be a number in [0, 1], got 2"),
-    (["--energy-points", "1"], "argument --energy-points: must be an integer >= 2, got 1"),
-    (["--lr", "nan"], "argument --lr: must be a number > 0, got nan"),
-    (["--time-mean", "inf", "--time-dist", "logit_normal"], "argument --time-mean: must be a finite number"),
-    (["--steps", "1.5"], "argument --steps: must be an integer >= 1, got '1.5'"),
-    (["--seed", "-1"], "argument --seed: must be an integer in [0, 4294967295]"),
-    (["--ema", "1"], "argument --ema: must be a number in [0, 1), got 1"),
-    (["--beta2", "1"], "argument --beta2: must be a number in [0, 1)"),
-    (["--emb-dim", "7"], "argument --emb-dim: must be an even integer >= 2, got 7"),
-    (["--max-freq", "0.5"], "argument --max-freq: must be a number >= 1"),
-    (["--eval-steps", "1", "0"], "argument --eval-steps: must be an integer >= 1, got 0"),
-    (["--guidance-interval", "0", "2", "--dataset", "mixture"], "argument --guidance-interval: must be a number in"),
-    (["--kappa", "1", "--dataset", "mixture"], "argument --kappa: must be a number < 1"),
-    (["--eta", "0.5", "--method", "alphaflow"], "argument --eta: must be a number in [0, 0.5)"),
-    (["--checkpoint-every", "-1"], "argument --checkpoint-every: must be an integer >= 0"),
-    (["--lr-schedule", "step"], "argument --lr-schedule: invalid choice: 'step'"),
-    (["--jvp", "forward"], "argument --jvp: invalid choice: 'forward'"),
-    (["--time-dist", "beta"], "argument --time-dist: invalid choice"),
-    (["--reduction", "max"], "argument --reduction: invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["--lr-final", "-1"], "argument --lr-final: must be a number in [0, 1], got -1"),
+        (["--width", "0"], "argument --width: must be an integer >= 1, got 0"),
+        (["--grad-clip", "-1"], "argument --grad-clip: must be a number >= 0, got -1"),
+        (["--alpha-end", "2", "--method", "alphaflow"], "argument --alpha-end: must be a number in [0, 1], got 2"),
+        (["--energy-points", "1"], "argument --energy-points: must be an integer >= 2, got 1"),
+        (["--lr", "nan"], "argument --lr: must be a number > 0, got nan"),
+        (["--time-mean", "inf", "--time-dist", "logit_normal"], "argument --time-mean: must be a finite number"),
+        (["--steps", "1.5"], "argument --steps: must be an integer >= 1, got '1.5'"),
+        (["--seed", "-1"], "argument --seed: must be an integer in [0, 4294967295]"),
+        (["--ema", "1"], "argument --ema: must be a number in [0, 1), got 1"),
+        (["--beta2", "1"], "argument --beta2: must be a number in [0, 1)"),
+        (["--emb-dim", "7"], "argument --emb-dim: must be an even integer >= 2, got 7"),
+        (["--max-freq", "0.5"], "argument --max-freq: must be a number >= 1"),
+        (["--eval-steps", "1", "0"], "argument --eval-steps: must be an integer >= 1, got 0"),
+        (
+            ["--guidance-interval", "0", "2", "--dataset", "mixture"],
+            "argument --guidance-interval: must be a number in",
+        ),
+        (["--kappa", "1", "--dataset", "mixture"], "argument --kappa: must be a number < 1"),
+        (["--eta", "0.5", "--method", "alphaflow"], "argument --eta: must be a number in [0, 0.5)"),
+        (["--checkpoint-every", "-1"], "argument --checkpoint-every: must be an integer >= 0"),
+        (["--lr-schedule", "step"], "argument --lr-schedule: invalid choice: 'step'"),
+        (["--jvp", "forward"], "argument --jvp: invalid choice: 'forward'"),
+        (["--time-dist", "beta"], "argument --time-dist: invalid choice"),
+        (["--reduction", "max"], "argument --reduction: invalid choice"),
+    ],
+)
 def test_cli_values_out_of_range_are_usage_errors_naming_the_option(argv, expected, capsys):
     assert expected in _usage_error(argv, capsys)
 
 
-@pytest.mark.parametrize("argv,flag,needs", [
-    (["--method", "fm", "--jvp", "joint"], "--jvp", "a JVP objective"),
-    (["--method", "splitmeanflow", "--jvp", "nograd"], "--jvp", "a JVP objective"),  # the default, given explicitly
-    (["--method", "fm", "--tangent", "conditional"], "--tangent", "a JVP objective"),
-    (["--method", "alphaflow", "--aux-weight", "0"], "--aux-weight", "--method kim or meanflow"),
-    (["--method", "fm", "--equal-fraction", "0.5"], "--equal-fraction", "r = t rows"),
-    (["--method", "fm", "--equal-draw", "pair"], "--equal-draw", "r = t rows"),
-    (["--method", "meanflow", "--alpha-end", "0.5"], "--alpha-end", "--method alphaflow"),
-    (["--method", "kim", "--eta", "0.01"], "--eta", "--method alphaflow"),
-    (["--method", "meanflow", "--kim-k", "2"], "--kim-k", "--method kim"),
-    (["--omega", "2"], "--omega", "class-conditional run"),
-    (["--dataset", "mixture", "--no-conditional", "--drop-prob", "0.2"], "--drop-prob", "class-conditional run"),
-    (["--ot-block", "16"], "--ot-block", "--coupling ot"),
-    (["--conflict-batch", "64"], "--conflict-batch", "--conflict-every > 0"),
-    (["--time-std", "2"], "--time-std", "--time-dist logit_normal"),
-    (["--lr-schedule", "constant", "--lr-final", "0.1"], "--lr-final", "--lr-schedule cosine or linear"),
-    (["--weight-c", "0.01"], "--weight-c", "--weight-p > 0"),
-    (["--no-checkpoint", "--checkpoint-every", "10"], "--checkpoint-every", "--checkpoint"),
-])
+@pytest.mark.parametrize(
+    "argv,flag,needs",
+    [
+        (["--method", "fm", "--jvp", "joint"], "--jvp", "a JVP objective"),
+        (["--method", "splitmeanflow", "--jvp", "nograd"], "--jvp", "a JVP objective"),  # the default, given explicitly
+        (["--method", "fm", "--tangent", "conditional"], "--tangent", "a JVP objective"),
+        (["--method", "alphaflow", "--aux-weight", "0"], "--aux-weight", "--method kim or meanflow"),
+        (["--method", "fm", "--equal-fraction", "0.5"], "--equal-fraction", "r = t rows"),
+        (["--method", "fm", "--equal-draw", "pair"], "--equal-draw", "r = t rows"),
+        (["--method", "meanflow", "--alpha-end", "0.5"], "--alpha-end", "--method alphaflow"),
+        (["--method", "kim", "--eta", "0.01"], "--eta", "--method alphaflow"),
+        (["--method", "meanflow", "--kim-k", "2"], "--kim-k", "--method kim"),
+        (["--omega", "2"], "--omega", "class-conditional run"),
+        (["--dataset", "mixture", "--no-conditional", "--drop-prob", "0.2"], "--drop-prob", "class-conditional run"),
+        (["--ot-block", "16"], "--ot-block", "--coupling ot"),
+        (["--conflict-batch", "64"], "--conflict-batch", "--conflict-every > 0"),
+        (["--time-std", "2"], "--time-std", "--time-dist logit_normal"),
+        (["--lr-schedule", "constant", "--lr-final", "0.1"], "--lr-final", "--lr-schedule cosine or linear"),
+        (["--weight-c", "0.01"], "--weight-c", "--weight-p > 0"),
+        (["--no-checkpoint", "--checkpoint-every", "10"], "--checkpoint-every", "--checkpoint"),
+    ],
+)
 def test_cli_options_without_effect_are_usage_errors(argv, flag, needs, capsys):
     err = _usage_error(argv, capsys)
     assert f"argument {flag}: has no effect with" in err and needs in err
 
 
-@pytest.mark.parametrize("argv", [
-    ["--method", "fm", "--jvp", "joint", "--conflict-every", "2"],  # the conflict probe is a JVP objective
-    ["--method", "fm", "--equal-fraction", "0.5", "--conflict-every", "2"],
-    ["--method", "meanflow", "--jvp", "finite_difference", "--tangent", "model", "--aux-weight", "0.5",
-     "--equal-draw", "single"],
-    ["--method", "alphaflow", "--alpha-start", "0.1", "--alpha-end", "0.25", "--eta", "0.01", "--alpha-gamma", "10"],
-    ["--method", "kim", "--kim-k", "2", "--min-snr-gamma", "3"],
-    ["--dataset", "mixture", "--omega", "2", "--kappa", "0.5", "--drop-prob", "0.2", "--guidance-interval", "0", "1"],
-    ["--conditional", "--omega", "1.5"],
-    ["--coupling", "ot", "--ot-block", "16"],
-    ["--time-dist", "logit_normal", "--time-mean", "0", "--time-std", "2"],
-    ["--weight-p", "1", "--weight-c", "0.01"],
-    ["--lr-schedule", "linear", "--lr-final", "0.1", "--warmup", "10"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--method", "fm", "--jvp", "joint", "--conflict-every", "2"],  # the conflict probe is a JVP objective
+        ["--method", "fm", "--equal-fraction", "0.5", "--conflict-every", "2"],
+        [
+            "--method",
+            "meanflow",
+            "--jvp",
+            "finite_difference",
+            "--tangent",
+            "model",
+            "--aux-weight",
+            "0.5",
+            "--equal-draw",
+            "single",
+        ],
+        [
+            "--method",
+            "alphaflow",
+            "--alpha-start",
+            "0.1",
+            "--alpha-end",
+            "0.25",
+            "--eta",
+            "0.01",
+            "--alpha-gamma",
+            "10",
+        ],
+        ["--method", "kim", "--kim-k", "2", "--min-snr-gamma", "3"],
+        [
+            "--dataset",
+            "mixture",
+            "--omega",
+            "2",
+            "--kappa",
+            "0.5",
+            "--drop-prob",
+            "0.2",
+            "--guidance-interval",
+            "0",
+            "1",
+        ],
+        ["--conditional", "--omega", "1.5"],
+        ["--coupling", "ot", "--ot-block", "16"],
+        ["--time-dist", "logit_normal", "--time-mean", "0", "--time-std", "2"],
+        ["--weight-p", "1", "--weight-c", "0.01"],
+        ["--lr-schedule", "linear", "--lr-final", "0.1", "--warmup", "10"],
+    ],
+)
 def test_cli_accepts_options_where_they_have_an_effect(argv):
     from examples.toy2d.train import config_from_argv
 
@@ -499,12 +581,20 @@ def test_cli_accepts_options_where_they_have_an_effect(argv):
     assert not resume and cfg.out == f"runs/toy2d/{cfg.method}_{cfg.dataset}_s0"
 
 
-@pytest.mark.parametrize("argv,expected", [
-    (["--method", "alphaflow", "--alpha-start", "0.6", "--alpha-end", "0.5"],
-     "argument --alpha-start/--alpha-end: need alpha_start <= alpha_end"),
-    (["--dataset", "mixture", "--guidance-interval", "0.5", "0.2"], "argument --guidance-interval: guidance_interval"),
-    (["--eval-steps", "1", "1"], "argument --eval-steps: eval_steps must not repeat"),
-])
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (
+            ["--method", "alphaflow", "--alpha-start", "0.6", "--alpha-end", "0.5"],
+            "argument --alpha-start/--alpha-end: need alpha_start <= alpha_end",
+        ),
+        (
+            ["--dataset", "mixture", "--guidance-interval", "0.5", "0.2"],
+            "argument --guidance-interval: guidance_interval",
+        ),
+        (["--eval-steps", "1", "1"], "argument --eval-steps: eval_steps must not repeat"),
+    ],
+)
 def test_cli_conflicting_options_are_usage_errors(argv, expected, capsys):
     assert expected in _usage_error(argv, capsys)
 
@@ -531,8 +621,11 @@ def test_every_cli_option_has_help_and_a_range_or_choices(capsys):
         takes_value = not isinstance(action, argparse.BooleanOptionalAction | argparse._StoreTrueAction)
         if takes_value and action.dest not in ("out", "init_from", "teacher", "reflow_from"):  # paths
             assert action.choices or isinstance(action.type, Range), action.option_strings
-    numeric = {f.name for f in dataclasses.fields(TrainConfig) if str(f.type).split("[")[0].split(" ")[0]
-               in ("int", "float", "tuple")}
+    numeric = {
+        f.name
+        for f in dataclasses.fields(TrainConfig)
+        if str(f.type).split("[")[0].split(" ")[0] in ("int", "float", "tuple")
+    }
     assert numeric == set(RANGES)
     text = " ".join(parser.format_help().split())  # unwrapped
     assert "(default: None)" not in text  # a None default is explained by the help text itself
@@ -542,12 +635,15 @@ def test_every_cli_option_has_help_and_a_range_or_choices(capsys):
 def test_config_range_errors_name_the_field():
     from examples.cli import ConfigError
 
-    for kwargs, match in [(dict(lr_final=-1.0), r"lr_final must be a number in \[0, 1\], got -1.0"),
-                          (dict(width=0), "width must be an integer >= 1"),
-                          (dict(alpha_end=2.0), "alpha_end must be"), (dict(energy_points=1), "energy_points must"),
-                          (dict(lr=math.nan), "lr must be a number > 0, got nan"),
-                          (dict(steps=2.5), "steps must be an integer"),
-                          (dict(eval_steps=(1, 0)), "every entry of eval_steps must be an integer >= 1")]:
+    for kwargs, match in [
+        (dict(lr_final=-1.0), r"lr_final must be a number in \[0, 1\], got -1.0"),
+        (dict(width=0), "width must be an integer >= 1"),
+        (dict(alpha_end=2.0), "alpha_end must be"),
+        (dict(energy_points=1), "energy_points must"),
+        (dict(lr=math.nan), "lr must be a number > 0, got nan"),
+        (dict(steps=2.5), "steps must be an integer"),
+        (dict(eval_steps=(1, 0)), "every entry of eval_steps must be an integer >= 1"),
+    ]:
         with pytest.raises(ConfigError, match=match) as exc:
             TrainConfig(**kwargs)
         assert exc.value.options == tuple(kwargs)
@@ -570,6 +666,7 @@ def test_range_type():
 
 # --- resume ----------------------------------------------------------------------------------------------------------
 
+
 class _Stop(Exception):
     """Stands for an interrupted run."""
 
@@ -587,6 +684,7 @@ def _interrupt_at(monkeypatch, stop_step: int) -> None:
             if step == stop_step:
                 raise _Stop
             return obj(model, x, step=step, **kw)
+
         return call
 
     monkeypatch.setattr(toy_train, "build_objective", spy)
@@ -604,12 +702,17 @@ def _same_run(a_dir, b_dir, a, b) -> None:
     assert a["metrics"] == b["metrics"] and a.get("conflict") == b.get("conflict")
 
 
-@pytest.mark.parametrize("method,extra", [
-    # EMA, warm-up and cosine decay, conditional data with label dropout, OT pairs, the conflict probe's generator
-    ("meanflow", dict(ema=0.9, warmup=2, dataset="mixture", coupling="ot", ot_block=32, conflict_every=2,
-                      conflict_batch=32)),
-    ("alphaflow", dict(alpha_end=0.5, lr_schedule="linear", lr_final=0.1)),  # alpha depends on the step
-])
+@pytest.mark.parametrize(
+    "method,extra",
+    [
+        # EMA, warm-up and cosine decay, conditional data with label dropout, OT pairs, the conflict probe's generator
+        (
+            "meanflow",
+            dict(ema=0.9, warmup=2, dataset="mixture", coupling="ot", ot_block=32, conflict_every=2, conflict_batch=32),
+        ),
+        ("alphaflow", dict(alpha_end=0.5, lr_schedule="linear", lr_final=0.1)),  # alpha depends on the step
+    ],
+)
 def test_resume_continues_exactly_like_the_uninterrupted_run(tmp_path, monkeypatch, method, extra):
     opts = {**TINY, "steps": 6, "checkpoint_every": 3, "figures": False, **extra}
     straight = train(TrainConfig(method=method, out=str(tmp_path / "a"), **opts))
@@ -645,8 +748,19 @@ def test_resume_refuses_other_training_options_and_missing_state(tmp_path):
 
 def test_cli_resume_takes_the_checkpoint_options(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    argv = [*SMALL_ARGV, "--steps", "6", "--checkpoint-every", "2", "--method", "alphaflow", "--alpha-end", "0.5",
-            "--out", str(out)]
+    argv = [
+        *SMALL_ARGV,
+        "--steps",
+        "6",
+        "--checkpoint-every",
+        "2",
+        "--method",
+        "alphaflow",
+        "--alpha-end",
+        "0.5",
+        "--out",
+        str(out),
+    ]
     with monkeypatch.context() as m:
         _interrupt_at(m, 5)
         with pytest.raises(_Stop):

@@ -13,8 +13,18 @@ from examples.toy2d import train as toy_train
 from examples.toy2d.pretrained import run_pretrained_study
 from examples.toy2d.train import ReflowPool, TrainConfig, load_network, load_teacher, main, train
 
-TINY = dict(steps=3, batch=64, width=32, depth=2, emb_dim=8, eval_points=256, energy_points=128, eval_steps=(1, 2),
-            progress=False, log_every=1)
+TINY = dict(
+    steps=3,
+    batch=64,
+    width=32,
+    depth=2,
+    emb_dim=8,
+    eval_points=256,
+    energy_points=128,
+    eval_steps=(1, 2),
+    progress=False,
+    log_every=1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +45,7 @@ def test_init_from_starts_at_the_checkpoint_network(fm_checkpoint, monkeypatch):
             if "state" not in seen:
                 seen["state"] = {k: v.clone() for k, v in model.state_dict().items()}
             return objective(model, x, **kw)
+
         return call
 
     monkeypatch.setattr(toy_train, "build_objective", spy)
@@ -54,6 +65,7 @@ def test_teacher_velocity_reaches_the_objective(fm_checkpoint, monkeypatch):
         def call(model, x, **kw):
             seen.append(kw.get("teacher"))
             return objective(model, x, **kw)
+
         return call
 
     monkeypatch.setattr(toy_train, "build_objective", spy)
@@ -76,8 +88,9 @@ def test_teacher_replaces_the_conditional_velocity_in_the_target(fm_checkpoint):
 
 
 def test_reflow_pool_holds_the_teachers_ode_endpoints(fm_checkpoint):
-    cfg = TrainConfig(method="meanflow", coupling="reflow", reflow_from=fm_checkpoint, reflow_pool=128,
-                      reflow_steps=4, **TINY)
+    cfg = TrainConfig(
+        method="meanflow", coupling="reflow", reflow_from=fm_checkpoint, reflow_pool=128, reflow_steps=4, **TINY
+    )
     pool = ReflowPool(cfg)
     expected = mfl.couplings.reflow_pairs(load_teacher(fm_checkpoint, cfg), pool.noise, steps=4)
     assert torch.equal(pool.x, expected) and pool.x.shape == (128, 2)
@@ -105,8 +118,13 @@ def test_pretrained_study_writes_its_table_and_figure(tmp_path):
     base = TrainConfig(**{**TINY, "eval_steps": (1, 2, 3)}, reflow_pool=256, reflow_steps=4)
     result = run_pretrained_study([0, 1], 3, 2, base, tmp_path / "runs", tmp_path, jobs=1, command="test")
     table = (tmp_path / "toy2d_pretrained.md").read_text()
-    for label in ("FM (pretrained, Euler)", "MeanFlow from scratch", "MeanFlow fine-tune", "MeanFlow distil",
-                  "MeanFlow reflow"):
+    for label in (
+        "FM (pretrained, Euler)",
+        "MeanFlow from scratch",
+        "MeanFlow fine-tune",
+        "MeanFlow distil",
+        "MeanFlow reflow",
+    ):
         assert f"| {label} |" in table, label
         assert len(result["rows"][label]["sw2"]["1"]) == 2
     assert result["rows"]["MeanFlow from scratch"]["steps"] == 5 and result["rows"]["MeanFlow distil"]["steps"] == 2

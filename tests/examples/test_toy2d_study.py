@@ -39,8 +39,18 @@ def test_study_writes_table_and_figures_and_skips_missing_methods(tmp_path, monk
 
 
 def test_study_compares_ot_rows_with_the_fm_run_of_their_own_coupling(tmp_path):
-    base = TrainConfig(steps=2, batch=64, width=16, depth=2, emb_dim=8, eval_points=128, energy_points=64,
-                       eval_steps=(1, 3), progress=False, conflict_every=0)
+    base = TrainConfig(
+        steps=2,
+        batch=64,
+        width=16,
+        depth=2,
+        emb_dim=8,
+        eval_points=128,
+        energy_points=64,
+        eval_steps=(1, 3),
+        progress=False,
+        conflict_every=0,
+    )
     labels = ("FM", "FM (OT)", "MeanFlow", "MeanFlow (OT)")
     by_label = {e.label: e for e in ENTRIES}
     entries = tuple(by_label[label] for label in labels)
@@ -56,14 +66,17 @@ def test_study_compares_ot_rows_with_the_fm_run_of_their_own_coupling(tmp_path):
     assert "1-step / FM-3 same coupling" in table and "FM (OT) baseline (3 Euler steps)" in table
 
 
-@pytest.mark.parametrize("argv,expected", [
-    (["--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
-    (["--jobs", "0"], "argument --jobs: must be an integer >= 1, got 0"),
-    (["--seeds", "0", "-1"], "argument --seeds: must be an integer in [0, 4294967295]"),
-    (["--eval-points", "1"], "argument --eval-points: must be an integer >= 2"),
-    (["--dataset", "circles"], "argument --dataset: invalid choice"),
-    (["--methods", "nope"], "argument --methods: ['nope'] matches none of"),
-])
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
+        (["--jobs", "0"], "argument --jobs: must be an integer >= 1, got 0"),
+        (["--seeds", "0", "-1"], "argument --seeds: must be an integer in [0, 4294967295]"),
+        (["--eval-points", "1"], "argument --eval-points: must be an integer >= 2"),
+        (["--dataset", "circles"], "argument --dataset: invalid choice"),
+        (["--methods", "nope"], "argument --methods: ['nope'] matches none of"),
+    ],
+)
 def test_study_cli_errors_are_usage_errors(argv, expected, capsys):
     from examples.toy2d.study import main
 
