@@ -27,6 +27,7 @@ __all__ = [
     "check_ranges",
     "check_unused",
     "flag",
+    "make_parser",
     "parse_explicit",
     "usage_error",
 ]
@@ -166,13 +167,25 @@ def check_unused(config: Any, given: Iterable[str]) -> None:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends ``(default: ...)`` to each option's help once, and not at all for a ``None`` default (whose
-    meaning the help text itself explains)."""
+    """The help formatter of every example's command line: appends ``(default: ...)`` to each option's help once.
+
+    Not at all for a ``None`` default (whose meaning the help text itself explains), for a flag (``store_true``
+    / ``store_false``: off unless given) and for an empty default (``""``, ``[]``: nothing unless given). Help
+    strings therefore never repeat their default.
+    """
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None:
+        flags = argparse._StoreTrueAction | argparse._StoreFalseAction | argparse._StoreConstAction
+        if action.default is None or isinstance(action, flags) or action.default in ("", [], ()):
             return action.help
         return super()._get_help_string(action)
+
+
+def make_parser(prog: str, description: str, usage: str | None = None) -> argparse.ArgumentParser:
+    """An example's argument parser: its ``prog`` (``python -m examples...``), description, optional short
+    ``usage`` line (for a command line with many options, whose full usage would fill a screen) and the shared
+    :class:`HelpFormatter`."""
+    return argparse.ArgumentParser(prog=prog, description=description, usage=usage, formatter_class=HelpFormatter)
 
 
 def add_config_options(
@@ -182,7 +195,8 @@ def add_config_options(
     ranges: Mapping[str, Range],
     choices: Mapping[str, Sequence[str]],
     metavars: Mapping[str, tuple[str, ...]] | None = None,
-) -> None:
+    groups: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, Any]:
     """Add one option per field of the dataclass ``config``, with its default.
 
     A ``bool`` field becomes ``--x / --no-x``, a field in ``choices`` gets ``choices=``, a numeric field its
@@ -195,12 +209,31 @@ def add_config_options(
         ranges: Range of every numeric field.
         choices: Allowed values of every enumerated field.
         metavars: Optional metavars (for tuple fields, one per value).
+        groups: Optional argument groups of ``--help``, in order: ``{title: field names}``; every field must be
+            in exactly one group.
+
+    Returns:
+        ``{title: argument group}`` (empty without ``groups``), for adding further options to a group.
 
     Raises:
         KeyError: A field has no help text.
         TypeError: A numeric field has no range.
+        ValueError: ``groups`` misses a field, names one twice, or names one that does not exist.
     """
-    for f in dataclasses.fields(config):
+    fields = dataclasses.fields(config)
+    made: dict[str, Any] = {}
+    group_of: dict[str, Any] = {}
+    if groups is not None:
+        names = [name for members in groups.values() for name in members]
+        missing = sorted({f.name for f in fields} - set(names))
+        extra = sorted(set(names) - {f.name for f in fields})
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if missing or extra or twice:
+            raise ValueError(f"groups: fields missing {missing}, unknown {extra}, in two groups {twice}")
+        for title, members in groups.items():
+            made[title] = parser.add_argument_group(title)
+            group_of.update(dict.fromkeys(members, made[title]))
+    for f in fields:
         kind = str(f.type)
         kw: dict[str, Any] = {"default": None if f.default is dataclasses.MISSING else f.default, "help": help[f.name]}
         if kind.startswith("bool"):
@@ -216,7 +249,8 @@ def add_config_options(
             kw["nargs"] = "+" if "..." in kind else kind.count(",") + 1
         if metavars and f.name in metavars:
             kw["metavar"] = metavars[f.name]
-        parser.add_argument(flag(f.name), **kw)
+        group_of.get(f.name, parser).add_argument(flag(f.name), **kw)
+    return made
 
 
 _UNSET = object()

@@ -21,7 +21,7 @@ from meanflow_losses import (
 from meanflow_losses._validate import value_checks
 from meanflow_losses.conditioning import Conditioning, shared
 from meanflow_losses.conventions import conditional_velocity, interpolate
-from meanflow_losses.guidance import TrainingGuidance, null_class
+from meanflow_losses.guidance import GuidanceAsInput, TrainingGuidance, null_class
 from meanflow_losses.jvp import JVP_STRATEGIES, MissingTangentError, time_derivative
 from meanflow_losses.jvp_attention import JVP_ATTENTION
 from meanflow_losses.model_checks import MeanFlowWarning, check_model
@@ -38,10 +38,10 @@ from meanflow_losses.objectives import (
 from meanflow_losses.registry import OBJECTIVES, make_objective, objective_class
 from meanflow_losses.sampling import make_grid, sample
 from meanflow_losses.teachers import Teacher
-from meanflow_losses.times import TimePair, TimePairSampler, TimeSampler
+from meanflow_losses.times import DifficultyCurriculum, TimePair, TimePairSampler, TimeSampler
 from meanflow_losses.weighting import AdaptiveWeight, MinSNRWeight, ProgressiveIntervalWeight
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "JVP_ATTENTION",
@@ -50,8 +50,10 @@ __all__ = [
     "AdaptiveWeight",
     "AlphaFlowLoss",
     "Conditioning",
+    "DifficultyCurriculum",
     "DyadicPairSampler",
     "FlowMatchingLoss",
+    "GuidanceAsInput",
     "LossOutput",
     "MeanFlowLoss",
     "MeanFlowWarning",

@@ -83,6 +83,7 @@ class _SharedNamesAdapter(nn.Module):
     """
 
     ignores_r = False
+    net: Callable[..., Tensor]  # set through __dict__ (not registered as a child); declared for the type checker
 
     def __init__(self, net: Callable[..., Tensor], time_convention: TimeConvention, who: str) -> None:
         super().__init__()

@@ -247,7 +247,7 @@ def _check_same_structure(old: Any, new: Any, per_row: frozenset[Path], rows: in
     where = "model_kwargs" + "".join(f"[{k!r}]" for k in prefix)
     if isinstance(old, Mapping):
         if not isinstance(new, Mapping) or set(old) != set(new):
-            got = sorted(new) if isinstance(new, Mapping) else type(new).__name__
+            got: object = sorted(new) if isinstance(new, Mapping) else type(new).__name__
             raise ValueError(f"{who} must return the same keys as {where}, got {got} vs {sorted(old)}")
     elif not isinstance(new, (list, tuple)) or len(new) != len(old):
         raise ValueError(f"{who} must keep {where} a sequence of length {len(old)}, got {type(new).__name__}")

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -82,12 +82,15 @@ _INTERVAL_ATTR = "mfl_interval_embedder"  # the added module's name inside a tra
 class _IntervalEmbedding(nn.Module):
     """:math:`E_h`: the model's own sinusoidal projection and a copy of its timestep MLP, last layer zero."""
 
+    time_proj: nn.Module
+    timestep_embedder: nn.Module
+
     def __init__(self, time_proj: nn.Module, timestep_embedder: nn.Module) -> None:
         super().__init__()
         self.time_proj = copy.deepcopy(time_proj)
         self.timestep_embedder = copy.deepcopy(timestep_embedder)
         with torch.no_grad():
-            last = self.timestep_embedder.linear_2
+            last = cast(nn.Linear, self.timestep_embedder.linear_2)  # diffusers' TimestepEmbedding
             last.weight.zero_()
             if last.bias is not None:
                 last.bias.zero_()
@@ -171,8 +174,13 @@ def _scheduler_scale(scheduler: Any, timestep_scale: float | None) -> float:
     return n
 
 
+def _config(net: nn.Module) -> Mapping[str, Any]:
+    """A diffusers model's ``config`` (a ``FrozenDict``)."""
+    return cast("Mapping[str, Any]", net.config)
+
+
 def _channels(net: nn.Module) -> tuple[int, int]:
-    cfg = net.config
+    cfg = _config(net)
     c_in = int(cfg["in_channels"])
     c_out = int(cfg.get("out_channels") or c_in)
     return c_in, c_out
@@ -219,7 +227,7 @@ class DiffusersAdapter(_SharedNamesAdapter):
         if not (scale > 0 and scale == scale and scale != float("inf")):
             raise ValueError(f"timestep_scale must be a positive finite number, got {timestep_scale!r}")
         super().__init__(net, "data_at_0", "from_diffusers")
-        cfg = net.config
+        cfg = _config(net)
         if kind == "UNet2DModel":
             emb_type = cfg.get("time_embedding_type", "positional")
             if emb_type != "positional":
@@ -271,7 +279,7 @@ class DiffusersAdapter(_SharedNamesAdapter):
         if not label_dropout:
             for module in net.modules():
                 if type(module).__name__ == "LabelEmbedding" and hasattr(module, "dropout_prob"):
-                    module.dropout_prob = 0.0
+                    cast(Any, module).dropout_prob = 0.0  # diffusers' LabelEmbedding
         self.kind = kind
         self.timestep_scale = scale
         self.interval = interval
@@ -445,7 +453,7 @@ def _transformer_with_interval_embedding(net: nn.Module, kind: str) -> nn.Module
     targets = [m for m in new.modules() if type(m).__name__ == _TIME_EMBEDDINGS[kind]]
     if not targets:
         raise ValueError(f"{kind} has no {_TIME_EMBEDDINGS[kind]} module to add the interval embedding to")
-    first = targets[0]
+    first: Any = targets[0]  # diffusers' CombinedTimestep...Embeddings
     new.add_module(_INTERVAL_ATTR, _IntervalEmbedding(first.time_proj, first.timestep_embedder))
     hook = _AddIntervalEmbedding(new)
     for m in targets:

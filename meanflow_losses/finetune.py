@@ -76,6 +76,8 @@ class SinusoidalEmbedder(nn.Module):
         hidden_dim: Width of the MLP's hidden layer (default ``out_dim``).
     """
 
+    freqs: Tensor  # a buffer
+
     def __init__(self, out_dim: int, frequency_dim: int = 256, hidden_dim: int | None = None) -> None:
         super().__init__()
         if out_dim < 1 or frequency_dim < 2 or frequency_dim % 2:
@@ -84,9 +86,10 @@ class SinusoidalEmbedder(nn.Module):
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
         self.register_buffer("freqs", freqs, persistent=False)
         hidden = hidden_dim or out_dim
-        self.mlp = nn.Sequential(nn.Linear(frequency_dim, hidden), nn.SiLU(), nn.Linear(hidden, out_dim))
-        nn.init.normal_(self.mlp[0].weight, std=0.02)
-        nn.init.zeros_(self.mlp[0].bias)
+        first = nn.Linear(frequency_dim, hidden)
+        self.mlp = nn.Sequential(first, nn.SiLU(), nn.Linear(hidden, out_dim))
+        nn.init.normal_(first.weight, std=0.02)
+        nn.init.zeros_(first.bias)
 
     def forward(self, s: Tensor) -> Tensor:
         """Embed ``s`` of shape ``(B,)`` into ``(B, out_dim)``."""
@@ -180,6 +183,11 @@ class FlowMatchingFineTune(nn.Module):
 
     meanflow_inputs = "r_t"  # the protocol's (z, r, t): the package's signature guard lets it through
     ignores_r = False
+    # set through __dict__ (not registered by nn.Module.__setattr__); declared for the type checker
+    net: nn.Module
+    _interval: Tensor | None
+    _hook_calls: int
+    _thread: int | None
 
     def __init__(
         self,

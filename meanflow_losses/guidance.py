@@ -10,6 +10,9 @@ both network terms without gradient (through the ``target_model``). The effectiv
 :math:`\omega' = \omega / (1 - \kappa)`; sampling then uses scale 1. :math:`\tilde v = v` on rows whose
 condition was dropped and on rows with ``t`` outside ``interval``. :math:`\tilde v` replaces ``v``
 everywhere: in the target and as the JVP tangent.
+
+:class:`GuidanceAsInput` is improved MeanFlow's alternative (Geng et al., arXiv 2512.02012): the scale and the
+interval are drawn per row, handed to the network in ``model_kwargs`` and chosen again at sampling time.
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ from torch import Tensor
 
 from meanflow_losses._validate import check_bool, check_int, check_interval, check_real, compiling
 from meanflow_losses.conditioning import Conditioning
+from meanflow_losses.conventions import append_dims
 from meanflow_losses.passes import no_grad_call
 from meanflow_losses.teachers import Teacher, teacher_velocity
 
 __all__ = [
     "DROP_ROWS",
     "INTERVAL_TESTS",
+    "GuidanceAsInput",
     "GuidanceResult",
     "NullClass",
     "TrainingGuidance",
@@ -153,9 +158,147 @@ class TrainingGuidance:
         return (t >= lo) & (t <= hi)
 
 
+@dataclass(frozen=True)
+class GuidanceAsInput:
+    r"""Improved MeanFlow's guidance as network input (Geng et al., arXiv 2512.02012; official iMF code).
+
+    Every row draws a guidance scale and a guidance interval, which travel to the network in ``model_kwargs``
+    (entries ``scale_key`` and ``interval_keys``, float tensors ``(B,)``), so one network learns every scale and
+    the scale is chosen at sampling time (:meth:`inputs`). Per row:
+
+    .. math::
+        \omega \sim p(\omega) \propto \omega^{-\beta} \text{ on } [1, 1 + s_{max}]
+        \quad (\beta = 1: \log\omega \text{ uniform}), \qquad
+        t_{min} \sim U(\text{t\_min\_range}), \; t_{max} \sim U(\text{t\_max\_range}),
+
+    with :math:`(t_{min}, t_{max}) = (0, 1)` on flow-matching rows (``r = t``). The effective scale is
+    :math:`\omega_e = \omega` where ``t`` lies in :math:`[t_{min}, t_{max}]` and 1 elsewhere, and
+
+    .. math::
+        v_c = u_\theta(z_t, t, t \mid c, \omega_e, 0, 1), \quad
+        v_u = u_\theta(z_t, t, t \mid \varnothing, 1, 0, 1), \quad
+        \tilde v = v + (1 - 1/\omega_e)\,(v_c - v_u),
+
+    both network terms without gradient (the velocity queries always see the interval ``(0, 1)``, as in the
+    official code). Rows whose condition is dropped get :math:`\tilde v = v`; they keep their drawn scale and
+    interval entries. Its fixed point is classifier-free guidance of scale :math:`\omega_e`:
+    :math:`v_c = \omega_e\,v(c) + (1 - \omega_e)\,v(\varnothing)`. With ``MeanFlowLoss(tangent="model")`` the JVP
+    tangent is :math:`v_c` (the network's guided velocity at the row's real condition, as in the official code);
+    with ``tangent="conditional"`` it is :math:`\tilde v`.
+
+    Draws can be passed in: entries already present in ``model_kwargs`` under ``scale_key`` or ``interval_keys``
+    are used as given (float tensors ``(B,)``) instead of being drawn.
+
+    Args:
+        scale_max: :math:`s_{max}`; scales are drawn in :math:`[1, 1 + s_{max}]` (official: 7).
+        scale_beta: :math:`\beta` of the power-law density (official: 1, log-uniform).
+        t_min_range: Range of :math:`t_{min}` (official: ``(0, 0.5)``).
+        t_max_range: Range of :math:`t_{max}` (official: ``(0.5, 1)``).
+        drop_prob: Probability of dropping a row's condition (official: 0.1).
+        null_condition: ``model_kwargs -> model_kwargs`` giving the null condition (required).
+        drop_rows: ``"first"`` (default; official iMF code: the first ``n`` rows, ``n`` a count of per-row coins)
+            or ``"per_row"`` (see :class:`TrainingGuidance`).
+        interval_test: ``"inclusive"`` (default; official) or ``"strict"`` test of ``t`` against the interval.
+        scale_key: Name of the scale entry of ``model_kwargs``.
+        interval_keys: Names of the ``t_min`` and ``t_max`` entries of ``model_kwargs``.
+    """
+
+    scale_max: float = 7.0
+    scale_beta: float = 1.0
+    t_min_range: tuple[float, float] = (0.0, 0.5)
+    t_max_range: tuple[float, float] = (0.5, 1.0)
+    drop_prob: float = 0.1
+    null_condition: NullCondition | None = None
+    drop_rows: Literal["per_row", "first"] = "first"
+    interval_test: Literal["inclusive", "strict"] = "inclusive"
+    scale_key: str = "omega"
+    interval_keys: tuple[str, str] = ("t_min", "t_max")
+
+    #: Conditions may be dropped on any row (the :class:`TrainingGuidance` option, fixed here).
+    drop_only_in_interval = False
+
+    def __post_init__(self) -> None:
+        check_real("guidance.scale_max", self.scale_max, lo=0.0, lo_open=True)
+        check_real("guidance.scale_beta", self.scale_beta)
+        object.__setattr__(self, "t_min_range", check_interval("guidance.t_min_range", self.t_min_range))
+        object.__setattr__(self, "t_max_range", check_interval("guidance.t_max_range", self.t_max_range))
+        check_real("guidance.drop_prob", self.drop_prob, lo=0.0, hi=1.0, hi_open=True)
+        if self.drop_rows not in DROP_ROWS:
+            raise ValueError(f"guidance.drop_rows must be one of {DROP_ROWS}, got {self.drop_rows!r}")
+        if self.interval_test not in INTERVAL_TESTS:
+            raise ValueError(f"guidance.interval_test must be one of {INTERVAL_TESTS}, got {self.interval_test!r}")
+        if self.null_condition is None or not callable(self.null_condition):
+            raise TypeError(
+                "guidance.null_condition must be a function model_kwargs -> model_kwargs (e.g. mfl.null_class(1000)):"
+                " guidance as input needs the unconditional velocity"
+            )
+        keys = (self.scale_key, *self.interval_keys)
+        if len(self.interval_keys) != 2 or not all(isinstance(k, str) and k for k in keys) or len(set(keys)) != 3:
+            raise ValueError(
+                "guidance.scale_key and guidance.interval_keys must be three distinct non-empty names, got "
+                f"{self.scale_key!r} and {self.interval_keys!r}"
+            )
+
+    def in_interval(self, t: Tensor, lo: Tensor | float = 0.0, hi: Tensor | float = 1.0) -> Tensor:
+        """Rows whose ``t`` lies in ``[lo, hi]`` (closed or open, ``interval_test``), bool ``(B,)``."""
+        if self.interval_test == "strict":
+            return (t > lo) & (t < hi)
+        return (t >= lo) & (t <= hi)
+
+    def draw_scale(self, batch: int, *, device: Any = None, generator: torch.Generator | None = None) -> Tensor:
+        r"""Scales :math:`\omega \in [1, 1 + s_{max}]` with density :math:`\propto \omega^{-\beta}`, float32 ``(B,)``.
+
+        Inverse CDF of a uniform draw ``q``: :math:`\omega = (1 + s_{max})^q` for :math:`\beta = 1`, else
+        :math:`\omega = (1 + q\,((1 + s_{max})^{1 - \beta} - 1))^{1 / (1 - \beta)}`.
+        """
+        dev = generator.device if generator is not None else device
+        q = torch.rand(batch, generator=generator, device=dev, dtype=torch.float64)
+        top = torch.tensor(1.0 + self.scale_max, dtype=torch.float64, device=q.device)
+        if self.scale_beta == 1.0:
+            omega = torch.exp(q * torch.log(top))
+        else:
+            a = 1.0 - self.scale_beta
+            omega = (1.0 + q * (top**a - 1.0)) ** (1.0 / a)
+        return omega.to(device=device, dtype=torch.float32)
+
+    def draw_interval(
+        self, fm_rows: Tensor, *, device: Any = None, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Intervals ``(t_min, t_max)``, float32 ``(B,)`` each; ``(0, 1)`` on the flow-matching rows ``fm_rows``."""
+        batch = fm_rows.shape[0]
+        dev = generator.device if generator is not None else device
+        (a0, a1), (b0, b1) = self.t_min_range, self.t_max_range
+        lo = a0 + (a1 - a0) * torch.rand(batch, generator=generator, device=dev)
+        hi = b0 + (b1 - b0) * torch.rand(batch, generator=generator, device=dev)
+        fm = fm_rows.to(lo.device)
+        lo, hi = torch.where(fm, 0.0, lo), torch.where(fm, 1.0, hi)
+        return lo.to(device), hi.to(device)
+
+    def inputs(
+        self,
+        batch: int,
+        scale: float | Tensor,
+        interval: tuple[float, float] = (0.0, 1.0),
+        *,
+        device: Any = None,
+    ) -> dict[str, Tensor]:
+        """The ``model_kwargs`` entries for sampling at one scale and interval (float32 ``(B,)`` each).
+
+        Example: ``mfl.sample(model, noise, steps=1, model_kwargs={"y": y, **g.inputs(B, 7.5, (0.4, 0.65))})``
+        (the official iMF-B/2 sampling setting; scale 8 with the released checkpoint).
+        """
+        scale_t = torch.as_tensor(scale, dtype=torch.float32, device=device).expand(batch).clone()
+        lo, hi = check_interval("interval", interval)
+        return {
+            self.scale_key: scale_t,
+            self.interval_keys[0]: torch.full((batch,), lo, dtype=torch.float32, device=device),
+            self.interval_keys[1]: torch.full((batch,), hi, dtype=torch.float32, device=device),
+        }
+
+
 @dataclass
 class GuidanceResult:
-    """What guidance hands to an objective.
+    r"""What guidance hands to an objective.
 
     Attributes:
         v_tilde: Guided velocity, shape ``(B, *D)``, no gradient.
@@ -163,16 +306,20 @@ class GuidanceResult:
         drop_mask: Rows whose condition was dropped, shape ``(B,)``.
         guided_mask: Rows that received the guided mix (in the interval; not dropped unless
             ``guide_dropped_rows``), ``(B,)``.
+        tangent: With :class:`GuidanceAsInput` and a requested tangent: the network's guided velocity
+            :math:`v_c` on the requested rows (:math:`\tilde v` on the others), ``(B, *D)``, no gradient; else
+            ``None``.
     """
 
     v_tilde: Tensor
     model_kwargs: Conditioning
     drop_mask: Tensor
     guided_mask: Tensor
+    tangent: Tensor | None = None
 
 
 def draw_drop_mask(
-    guidance: TrainingGuidance | None,
+    guidance: TrainingGuidance | GuidanceAsInput | None,
     t: Tensor,
     batch: int,
     *,
@@ -213,7 +360,7 @@ def draw_drop_mask(
 
 
 def apply_guidance(
-    guidance: TrainingGuidance | None,
+    guidance: TrainingGuidance | GuidanceAsInput | None,
     target_model: Callable[..., Tensor],
     z_t: Tensor,
     t: Tensor,
@@ -223,6 +370,8 @@ def apply_guidance(
     drop_mask: Tensor | None = None,
     generator: torch.Generator | None = None,
     teacher: Teacher | None = None,
+    fm_rows: Tensor | None = None,
+    tangent_rows: Tensor | None = None,
 ) -> GuidanceResult:
     r"""Drop conditions and compute the guided velocity :math:`\tilde v`.
 
@@ -237,6 +386,10 @@ def apply_guidance(
         generator: Random generator for the dropout draw.
         teacher: Optional :class:`~meanflow_losses.teachers.Teacher`: its velocity at the post-dropout conditioning
             replaces ``v`` (dropped rows get its velocity at the null condition) before the guided mix.
+        fm_rows: The flow-matching rows ``r = t``, bool ``(B,)`` (:class:`GuidanceAsInput` gives them the
+            interval ``(0, 1)``; all rows when omitted).
+        tangent_rows: Rows whose JVP tangent is the network's guided velocity, bool ``(B,)``
+            (:class:`GuidanceAsInput` only; ``MeanFlowLoss(tangent="model")``).
 
     Returns:
         :class:`GuidanceResult`.
@@ -244,6 +397,15 @@ def apply_guidance(
     batch = z_t.shape[0]
     cond = model_kwargs if isinstance(model_kwargs, Conditioning) else Conditioning.from_kwargs(model_kwargs, batch)
     drop_mask = draw_drop_mask(guidance, t, batch, drop_mask=drop_mask, generator=generator)
+    if isinstance(guidance, GuidanceAsInput):
+        if teacher is not None:
+            raise ValueError(
+                "teacher= with GuidanceAsInput is not supported: the teacher brings its own guidance; use "
+                "TrainingGuidance (or guidance=None) with a guided mfl.Teacher"
+            )
+        if fm_rows is None:
+            fm_rows = torch.ones(batch, dtype=torch.bool, device=t.device)
+        return _guidance_as_input(guidance, target_model, z_t, t, v, cond, drop_mask, fm_rows, tangent_rows, generator)
     if guidance is None:
         if teacher is not None:
             v = teacher_velocity(teacher, z_t, t, cond, v.dtype)
@@ -289,3 +451,82 @@ def apply_guidance(
             new = torch.where(guided.reshape(-1, *([1] * (new.ndim - 1))), new, v.detach())
         v_tilde = v_tilde.index_copy(0, idx, new)
     return GuidanceResult(v_tilde, kwargs, drop_mask, guided)
+
+
+def _row_input(cond: Conditioning, key: str, batch: int) -> Tensor | None:
+    """A passed-in per-row draw ``model_kwargs[key]`` (checked), or ``None`` when absent."""
+    if key not in cond.kwargs:
+        return None
+    value = cond[key]
+    if not isinstance(value, Tensor) or tuple(value.shape) != (batch,) or not value.is_floating_point():
+        got = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(
+            f"model_kwargs[{key!r}] (a guidance input) must be a float tensor of shape ({batch},), got {got}"
+        )
+    return value
+
+
+def _guidance_as_input(
+    guidance: GuidanceAsInput,
+    target_model: Callable[..., Tensor],
+    z_t: Tensor,
+    t: Tensor,
+    v: Tensor,
+    cond: Conditioning,
+    drop_mask: Tensor,
+    fm_rows: Tensor,
+    tangent_rows: Tensor | None,
+    generator: torch.Generator | None,
+) -> GuidanceResult:
+    """:func:`apply_guidance` for :class:`GuidanceAsInput` (formula in its docstring)."""
+    batch = z_t.shape[0]
+    s_key, lo_key, hi_key = guidance.scale_key, *guidance.interval_keys
+    omega = _row_input(cond, s_key, batch)
+    lo, hi = _row_input(cond, lo_key, batch), _row_input(cond, hi_key, batch)
+    if omega is None:
+        omega = guidance.draw_scale(batch, device=t.device, generator=generator)
+    if lo is None or hi is None:
+        d_lo, d_hi = guidance.draw_interval(fm_rows, device=t.device, generator=generator)
+        lo, hi = (d_lo if lo is None else lo), (d_hi if hi is None else hi)
+    omega, lo, hi = omega.to(t.device), lo.to(t.device), hi.to(t.device)
+    per_row = cond.per_row | {(s_key,), (lo_key,), (hi_key,)}
+    full = Conditioning({**cond.kwargs, s_key: omega, lo_key: lo, hi_key: hi}, batch, per_row)
+    null_condition = guidance.null_condition
+    assert null_condition is not None  # checked at construction
+    null_full = full.replace(null_condition(dict(full.kwargs)), "guidance.null_condition")
+    kwargs = full.where(drop_mask, null_full) if (compiling() or bool(drop_mask.any())) else full
+
+    w_eff = torch.where(guidance.in_interval(t, lo, hi), omega, torch.ones_like(omega))
+    guided = (w_eff != 1) & ~drop_mask
+    ask = guided if tangent_rows is None else guided | tangent_rows.to(guided.device)
+    v_tilde = v.detach()
+    tangent = v_tilde if tangent_rows is not None else None
+    if compiling() or bool(ask.any()):
+        # one no-grad forward: v_c on the asked rows, then v_u on the guided rows (eager: those rows only)
+        ia = torch.arange(batch, device=t.device) if compiling() else ask.nonzero().squeeze(1)
+        ig = torch.arange(batch, device=t.device) if compiling() else guided.nonzero().squeeze(1)
+        zeros, ones = torch.zeros_like(omega), torch.ones_like(omega)
+        query = Conditioning({**full.kwargs, s_key: w_eff, lo_key: zeros, hi_key: ones}, batch, per_row)
+        null_query = Conditioning({**null_full.kwargs, s_key: ones, lo_key: zeros, hi_key: ones}, batch, per_row)
+        z = z_t.detach()
+        za, ta, zg, tg = z.index_select(0, ia), t.index_select(0, ia), z.index_select(0, ig), t.index_select(0, ig)
+        out = no_grad_call(
+            target_model,
+            torch.cat([za, zg]),
+            torch.cat([ta, tg]),
+            torch.cat([ta, tg]),
+            query.select(ia).concat(null_query.select(ig)),
+        ).to(v.dtype)
+        n_a = ia.numel()
+        v_c = torch.zeros_like(v_tilde).index_copy(0, ia, out[:n_a])  # rows outside ``ia`` are overwritten below
+        v_u = out[n_a:]
+        gain = append_dims(1.0 - 1.0 / w_eff.index_select(0, ig), v_u).to(v.dtype)
+        new = v_tilde.index_select(0, ig) + gain * (v_c.index_select(0, ig) - v_u)
+        if compiling():
+            new = torch.where(append_dims(guided, new), new, v_tilde)
+        v_tilde = v_tilde.index_copy(0, ig, new)
+        if tangent_rows is not None:
+            tangent = torch.where(append_dims(ask, v_c), v_c, v_tilde)
+    elif tangent_rows is not None:
+        tangent = v_tilde
+    return GuidanceResult(v_tilde, kwargs, drop_mask, guided, tangent)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -301,7 +301,8 @@ def _traced_dual_call(
     model: Callable[..., Tensor], z: Tensor, r: Tensor, t: Tensor, tangent: Tensor, cond: Conditioning, who: str
 ) -> tuple[Tensor, Tensor]:
     """The JVP as ``torch.func.jvp``, which ``torch.compile`` traces (``torch.autograd.forward_ad`` it does not)."""
-    return torch.func.jvp(lambda z_, t_: call(model, z_, r, t_, cond, who=who), (z, t), (tangent, torch.ones_like(t)))
+    out = torch.func.jvp(lambda z_, t_: call(model, z_, r, t_, cond, who=who), (z, t), (tangent, torch.ones_like(t)))
+    return cast("tuple[Tensor, Tensor]", out)  # (primal, tangent): has_aux=False; the stub also allows an aux
 
 
 def _dual_call(

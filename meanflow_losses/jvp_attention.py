@@ -32,7 +32,7 @@ import importlib
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +79,10 @@ def _all_backends() -> Any:
         yield
 
 
+@overload
+def _expand_gqa(x: Tensor, heads: int) -> Tensor: ...
+@overload
+def _expand_gqa(x: None, heads: int) -> None: ...
 def _expand_gqa(x: Tensor | None, heads: int) -> Tensor | None:
     if x is None or x.ndim < 3 or x.shape[-3] == heads:
         return x
@@ -129,7 +133,7 @@ def attention_jvp_blockwise(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if enable_gqa:
         heads = q.shape[-3]
-        k, v, dk, dv = (_expand_gqa(x, heads) for x in (k, v, dk, dv))
+        k, v, dk, dv = _expand_gqa(k, heads), _expand_gqa(v, heads), _expand_gqa(dk, heads), _expand_gqa(dv, heads)
     cdtype = torch.promote_types(q.dtype, torch.float32)
     # contiguous once: a transposed operand would be copied by every block's matmul
     k_t = k.to(cdtype).transpose(-2, -1).contiguous()
@@ -203,7 +207,13 @@ class _BlockwiseAttention(torch.autograd.Function):
         with torch.enable_grad(), _all_backends():
             leaves = [x.detach().requires_grad_(x.requires_grad) for x in (q, k, v)]
             o = F.scaled_dot_product_attention(
-                *leaves, attn_mask=ctx.attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
+                leaves[0],
+                leaves[1],
+                leaves[2],
+                attn_mask=ctx.attn_mask,
+                is_causal=is_causal,
+                scale=scale,
+                enable_gqa=enable_gqa,
             )
             wanted = [x for x in leaves if x.requires_grad]
             grads = iter(torch.autograd.grad(o, wanted, grad_out) if wanted else ())

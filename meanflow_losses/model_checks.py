@@ -38,6 +38,7 @@ from meanflow_losses.adapters import check_protocol
 from meanflow_losses.conditioning import Conditioning
 from meanflow_losses.forward_ad import _eager_stance
 from meanflow_losses.jvp import (
+    JVPStrategy,
     _has_half_weights,
     check_strategy,
     finite_difference_points,
@@ -179,7 +180,9 @@ def probe_time_derivative(
     zero = torch.zeros_like(tan32)
     plain = float32_view(model) if _has_half_weights(model) else model  # the network as the JVP evaluates it
 
-    def derivative(zz: Tensor, tan: Tensor, how: str, eps: float | None = None, at: Tensor | None = None) -> Tensor:
+    def derivative(
+        zz: Tensor, tan: Tensor, how: JVPStrategy, eps: float | None = None, at: Tensor | None = None
+    ) -> Tensor:
         rr, tt = (r32, t32) if zz.dtype == z32.dtype else (r, t)
         with same_randomness(dev):
             res = time_derivative(model, zz, rr, tt if at is None else at, tan, cond, strategy=how, fd_eps=eps)
@@ -197,7 +200,7 @@ def probe_time_derivative(
             if z32.dtype == engine_dtype or "dtype" not in str(err).lower():
                 raise
             # the network cannot run in float32: no trustworthy reference
-            return ProbeResult(z.shape[0], None, *([nan] * 6), 0.0, False, False, False, engine_dtype)
+            return ProbeResult(z.shape[0], None, nan, nan, nan, nan, nan, nan, 0.0, False, False, False, engine_dtype)
         ad_error = None
         ad = ad_t = ad_hi = ad_lo = None
         try:
@@ -500,7 +503,7 @@ def check_model(
     meas["u_rms"] = float(u.double().square().mean().sqrt())
     probe_model: Callable[..., Tensor] = model
     perturbable = perturb_zero_init and isinstance(model, nn.Module) and _has_zero_parameters(model)
-    if (zero_output or flat_in_r) and perturbable:
+    if (zero_output or flat_in_r) and perturbable and isinstance(model, nn.Module):  # (isinstance: for mypy)
         # zero-initialised layers (DiT's adaLN-Zero modulation or output head) hide the dependence on r and t
         g = generator if generator is not None and generator.device.type == "cpu" else torch.Generator()
         probe_model = _perturbed_copy(model, g)

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from meanflow_losses.guidance import TrainingGuidance
 from meanflow_losses.objectives.alphaflow import AlphaFlowLoss
@@ -205,6 +205,7 @@ def accelerated_meanflow(
     gamma: float = 5.0,
     k: float = 1.0,
     min_snr_form: str = "v_prediction",
+    min_snr: bool = True,
     **meanflow_options: Any,
 ) -> MeanFlowLoss:
     r"""MeanFlow with Kim et al.'s accelerated scheme: Min-SNR on ``r = t`` rows, :math:`\beta` on ``r != t``.
@@ -216,6 +217,9 @@ def accelerated_meanflow(
         gamma: Min-SNR clamp.
         k: Exponent of the progress in :math:`\beta`.
         min_snr_form: ``"v_prediction"`` or ``"x0_matched"`` (see :class:`MinSNRWeight`).
+        min_snr: Weight the ``r = t`` rows by Min-SNR (the paper's B/4 scheme). ``False`` with a sampler that has a
+            :class:`~meanflow_losses.times.DifficultyCurriculum` is the paper's L/2 and XL/2 scheme (a
+            difficulty-based time sampler instead of Min-SNR; its parameters were not published in what we read).
         **meanflow_options: Other :class:`MeanFlowLoss` fields (weighting, reduction, guidance, jvp, ...).
 
     Returns:
@@ -224,7 +228,7 @@ def accelerated_meanflow(
     times = times if times is not None else TimePairSampler("logit_normal", -0.4, 1.0, 0.75)
     return MeanFlowLoss(
         times=times,
-        velocity_weight=MinSNRWeight(gamma=gamma, form=min_snr_form),
+        velocity_weight=MinSNRWeight(gamma=gamma, form=min_snr_form) if min_snr else None,
         interval_weight=ProgressiveIntervalWeight(total_steps, k=k, times=times),
         **meanflow_options,
     )
@@ -304,7 +308,7 @@ class Recipe:
                 "target_clip": self.alphaflow_target_clip,
             }
         opts: dict[str, Any] = {"times": self.times(), "weighting": weighting, "reduction": self.reduction}
-        names = {f.name for f in fields(cls) if f.init}
+        names = {f.name for f in fields(cast(Any, cls)) if f.init}  # objectives are dataclasses (else TypeError)
         return {k: v for k, v in opts.items() if k in names}
 
     def flat_options(self, objective: str | type = "meanflow") -> dict[str, Any]:

@@ -8,7 +8,9 @@ A time sampler is a small frozen dataclass selected by name:
 
 :class:`TimePairSampler` draws two independent times, sorts them into ``t = max`` and ``r = min``, then sets
 ``r = t`` on a fixed number of rows, ``floor(equal_fraction * B)``, chosen by a random permutation (the
-official MeanFlow code also fixes the count per batch rather than flipping a coin per row). Those ``r = t`` rows
+official MeanFlow code also fixes the count per batch rather than flipping a coin per row). An optional
+:class:`DifficultyCurriculum` restricts the times to the noisiest clusters first (Kim et al.'s "difficulty-based"
+sampler). Those ``r = t`` rows
 keep ``t = max(a, b)`` (``equal_draw="pair"``, the official MeanFlow code), whose density is skewed towards the
 noise end (``2t`` for uniform draws), or take a fresh single draw (``equal_draw="single"``, the official
 alpha-Flow code), so that the flow-matching rows see the base distribution itself.
@@ -49,10 +51,12 @@ from torch import Tensor
 from meanflow_losses._validate import check_real, compiling
 
 __all__ = [
+    "CURRICULUM_ROWS",
     "EQUAL_COUNTS",
     "EQUAL_ROWS",
     "PAIR_ORDERS",
     "TIME_DISTRIBUTIONS",
+    "DifficultyCurriculum",
     "TimePair",
     "TimePairSampler",
     "TimeSampler",
@@ -66,6 +70,8 @@ EQUAL_COUNTS = ("floor", "truncate", "coin")
 EQUAL_ROWS = ("random", "first")
 #: How two draws become ``(t, r)``.
 PAIR_ORDERS = ("sort", "min")
+#: Which rows a :class:`DifficultyCurriculum` restricts.
+CURRICULUM_ROWS = ("all", "equal")
 
 EqualCount = Literal["floor", "truncate", "coin"]
 EqualRows = Literal["random", "first"]
@@ -89,6 +95,76 @@ def _draw(
     else:
         t = torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=dev, dtype=torch.float64))
     return t.to(device=device if device is not None else dev, dtype=dtype)
+
+
+def _draw_truncated(
+    name: str,
+    mean: float,
+    std: float,
+    lo: float,
+    n: int,
+    generator: torch.Generator | None,
+    device: torch.device | str | None,
+) -> Tensor:
+    """``n`` float64 draws of the named distribution conditioned on ``t >= lo`` (inverse CDF of a uniform)."""
+    dev = generator.device if generator is not None else device
+    q = torch.rand(n, generator=generator, device=dev, dtype=torch.float64)
+    if name == "uniform":
+        t = lo + (1.0 - lo) * q
+    else:
+        z_lo = (math.log(lo / (1.0 - lo)) - mean) / std if lo > 0 else -math.inf
+        p_lo = 0.5 * math.erfc(-z_lo / math.sqrt(2.0)) if lo > 0 else 0.0
+        u = (p_lo + (1.0 - p_lo) * q).clamp(max=1.0 - 1e-16)
+        t = torch.sigmoid(mean + std * torch.special.ndtri(u))
+    return t.to(device=device if device is not None else dev)
+
+
+@dataclass(frozen=True)
+class DifficultyCurriculum:
+    r"""Easy-to-hard time curriculum (DTD, Kim, Go et al., arXiv 2403.10348), for :class:`TimePairSampler`.
+
+    ``[0, 1]`` is cut into ``clusters`` equal intervals; the noisiest ones are the easiest denoising tasks. At
+    training step ``k`` the stage is :math:`n = \lfloor k / \text{stage\_steps} \rfloor` and times are drawn from the
+    sampler's distribution conditioned on
+
+    .. math::
+        t \ge 1 - (n + 1) / N \qquad (N = \text{clusters}),
+
+    so stage 0 sees the noisiest cluster only, each stage adds the next cleaner one, and from stage ``N - 1`` on the
+    sampler is the plain one (the same draws as without a curriculum). Kim et al. (arXiv 2511.19065) use this
+    sampler at DiT-L/2 and XL/2 to form the instantaneous velocity faster; neither their number of clusters nor their
+    pacing could be read here, and DTD itself advances a stage when the loss stops improving for a patience window,
+    which a fixed ``stage_steps`` replaces (it keeps every rank of a DDP run on the same stage and compiles to
+    ``clusters`` graphs at most). Composes with any weighting (e.g. the progressive interval weight, whose
+    ``lambda`` stays that of the sampler without the curriculum).
+
+    Args:
+        clusters: Number of equal time intervals ``N`` (>= 2).
+        stage_steps: Training steps per stage (>= 1); the curriculum ends after ``(N - 1) * stage_steps`` steps.
+        rows: ``"all"`` (default): both draws of every pair are conditioned, so ``r`` too lies in the stage's
+            range; ``"equal"``: only the ``r = t`` (flow-matching) rows follow the curriculum.
+    """
+
+    clusters: int = 20
+    stage_steps: int = 10_000
+    rows: Literal["all", "equal"] = "all"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.clusters, bool) or not isinstance(self.clusters, int) or self.clusters < 2:
+            raise ValueError(f"curriculum.clusters must be an integer >= 2, got {self.clusters!r}")
+        if isinstance(self.stage_steps, bool) or not isinstance(self.stage_steps, int) or self.stage_steps < 1:
+            raise ValueError(f"curriculum.stage_steps must be an integer >= 1, got {self.stage_steps!r}")
+        if self.rows not in CURRICULUM_ROWS:
+            raise ValueError(f"curriculum.rows must be one of {CURRICULUM_ROWS}, got {self.rows!r}")
+
+    def stage(self, step: int) -> int:
+        """The stage ``n`` at ``step`` (``clusters - 1`` and beyond: the curriculum is over)."""
+        return min(int(step) // self.stage_steps, self.clusters - 1)
+
+    def lower_bound(self, step: int) -> float:
+        """The smallest allowed time at ``step``: ``1 - (n + 1) / N``, 0 once the curriculum is over."""
+        n = self.stage(step)
+        return 0.0 if n >= self.clusters - 1 else 1.0 - (n + 1) / self.clusters
 
 
 @dataclass(frozen=True)
@@ -185,6 +261,7 @@ class TimePairSampler:
             exceeds ``equal_fraction``.
         r_times: Distribution of ``b`` (the ``r`` draw), e.g. py-meanflow's ``P_mean_r, P_std_r``;
             ``None`` (default) draws ``b`` like ``a``.
+        curriculum: Optional :class:`DifficultyCurriculum` (easy-to-hard times; needs ``step``).
     """
 
     name: str = "logit_normal"
@@ -196,6 +273,7 @@ class TimePairSampler:
     equal_rows: EqualRows = "random"
     order: PairOrder = "sort"
     r_times: TimeSampler | None = None
+    curriculum: DifficultyCurriculum | None = None
     base: TimeSampler = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -221,6 +299,8 @@ class TimePairSampler:
             )
         if not callable(self.equal_fraction):
             resolve_fraction(self.equal_fraction, None)
+        if self.curriculum is not None and not isinstance(self.curriculum, DifficultyCurriculum):
+            raise TypeError(f"curriculum must be None or a DifficultyCurriculum, got {type(self.curriculum).__name__}")
 
     @property
     def static_rows(self) -> bool:
@@ -270,7 +350,18 @@ class TimePairSampler:
                 "the compiled function and pass t= and r= to the loss, or use equal_count='truncate' (or 'floor') "
                 "with order='sort' inside compiled code"
             )
-        if self.r_times is None:
+        lo = 0.0
+        if self.curriculum is not None:
+            if step is None:
+                raise ValueError(
+                    "a TimePairSampler with a curriculum needs the training step: call the loss with step="
+                )
+            lo = self.curriculum.lower_bound(step)
+        if lo > 0 and self.curriculum is not None and self.curriculum.rows == "all":
+            rt = self.r_times or self.base
+            a = _draw_truncated(self.name, self.mean, self.std, lo, batch_size, generator, device)
+            b = _draw_truncated(rt.name, rt.mean, rt.std, lo, batch_size, generator, device)
+        elif self.r_times is None:
             a = _draw(self.name, self.mean, self.std, 2 * batch_size, generator, device, torch.float64)
             a, b = a.view(2, batch_size).unbind(0)
         else:
@@ -281,8 +372,25 @@ class TimePairSampler:
             t, r = torch.maximum(a, b), torch.minimum(a, b)
         else:
             t, r = a, torch.minimum(a, b)
+        if lo > 0 and self.curriculum is not None and self.curriculum.rows == "equal":
+            if self.equal_count == "coin" or self.equal_draw == "single":
+                raise ValueError(
+                    "DifficultyCurriculum(rows='equal') needs a fixed count of r = t rows that keep their pair's t: "
+                    "use equal_count='floor' or 'truncate' with equal_draw='pair', or rows='all'"
+                )
+            n_eq = self.num_equal(batch_size, step)
+            fresh = _draw_truncated(self.name, self.mean, self.std, lo, n_eq, generator, device)
+            eq_rows = torch.arange(batch_size, device=t.device)
+            if self.equal_rows == "random":
+                dev = generator.device if generator is not None else device
+                eq_rows = torch.randperm(batch_size, generator=generator, device=dev).to(t.device)
+            eq, interval = eq_rows[:n_eq], eq_rows[n_eq:].sort().values
+            t, r = t.clone(), r.clone()
+            t[eq] = fresh.to(t.device)
+            r[eq] = t[eq]
+            return TimePair(t=t.to(dtype), r=r.to(dtype), interval_rows=interval if self.static_rows else None)
         if self.equal_count == "coin":
-            return self._coin_rows(t, r, step, generator, device, dtype)
+            return self._coin_rows(t, r, step, generator, device, dtype, lo)
         n_eq = self.num_equal(batch_size, step)
         interval = torch.arange(batch_size, device=t.device)
         if n_eq > 0:
@@ -297,7 +405,7 @@ class TimePairSampler:
             r = r.clone()
             if self.equal_draw == "single":
                 t = t.clone()
-                t[eq] = _draw(self.name, self.mean, self.std, n_eq, generator, device, torch.float64).to(t.device)
+                t[eq] = self._single(n_eq, lo, generator, device).to(t.device)
             r[eq] = t[eq]
         rows = interval if self.static_rows else None
         return TimePair(t=t.to(dtype), r=r.to(dtype), interval_rows=rows)
@@ -310,6 +418,7 @@ class TimePairSampler:
         generator: torch.Generator | None,
         device: torch.device | str | None,
         dtype: torch.dtype,
+        lo: float = 0.0,
     ) -> TimePair:
         """``r = t`` on the rows whose coin (probability ``equal_fraction``) comes up; no static rows."""
         batch_size = t.shape[0]
@@ -317,7 +426,15 @@ class TimePairSampler:
         dev = generator.device if generator is not None else device
         coin = (torch.rand(batch_size, generator=generator, device=dev, dtype=torch.float64) < f).to(t.device)
         if self.equal_draw == "single":
-            fresh = _draw(self.name, self.mean, self.std, batch_size, generator, device, torch.float64)
+            fresh = self._single(batch_size, lo, generator, device)
             t = torch.where(coin, fresh.to(t.device), t)
         r = torch.where(coin, t, r)
         return TimePair(t=t.to(dtype), r=r.to(dtype), interval_rows=None)
+
+    def _single(
+        self, n: int, lo: float, generator: torch.Generator | None, device: torch.device | str | None
+    ) -> Tensor:
+        """``n`` fresh float64 draws of the base distribution (conditioned on ``t >= lo`` during a curriculum)."""
+        if lo > 0:
+            return _draw_truncated(self.name, self.mean, self.std, lo, n, generator, device)
+        return _draw(self.name, self.mean, self.std, n, generator, device, torch.float64)

@@ -164,6 +164,7 @@ class _BatchNorm(torch.autograd.Function):
         x, w, mean, var = ctx.saved_tensors
         batch_stats, eps = ctx.opts
         dx = dx if dx is not None else torch.zeros_like(x)
+        xhat: Tensor | None
         if batch_stats:
             dims = (0, *range(2, x.ndim))
             xhat, out = _normalise_tangent(x, dx, dims, eps)
@@ -174,6 +175,7 @@ class _BatchNorm(torch.autograd.Function):
         if w is not None:
             out = out * _bias_shape(w, x.ndim)
         if dw is not None:
+            assert xhat is not None  # both branches set it whenever dw is given
             out = out + xhat * _bias_shape(dw, x.ndim)
         return out if db is None else out + _bias_shape(db, x.ndim)
 

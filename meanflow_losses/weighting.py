@@ -192,6 +192,7 @@ def _expected_gap_two(times: TimePairSampler) -> float:
     :math:`P(b < a) = \int_0^1 G\,dF = 1 - \int_0^1 F\,dG`, by quadrature on a fine grid of ``(0, 1)``.
     """
     rt = times.r_times
+    assert rt is not None  # the caller's branch: two different draws
     x = torch.linspace(0.0, 1.0, 2_000_001, dtype=torch.float64)[1:-1]
     f = _cdf_on_grid(times.name, float(times.mean), float(times.std), x)
     g = _cdf_on_grid(rt.name, float(rt.mean), float(rt.std), x)

@@ -65,6 +65,7 @@ OBJECTIVES = {
 NETS = {"mlp": (lambda: MLP(n_classes=3), (32, 2)), "patch_dit": (PatchDiT, (8, 4, 8, 8))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("guided", [False, True], ids=["plain", "guided"])
 @pytest.mark.parametrize("net", sorted(NETS))
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
@@ -118,6 +119,7 @@ def _compiled_and_eager(name, net, backend, steps=3):
     assert graphs[-1] == graphs[1], f"recompiled after the second step: unique graphs per step {graphs}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["fm", "meanflow-nograd", "meanflow-joint", "meanflow-fd", "kim", "splitmeanflow"])
 @pytest.mark.parametrize("net", sorted(NETS))
 def test_compiled_step_equals_eager_and_does_not_recompile(name, net):

@@ -147,6 +147,7 @@ def checkerboard(n: int, g: torch.Generator) -> torch.Tensor:
     return torch.stack([x1, x2], dim=1)
 
 
+@pytest.mark.slow
 def test_meanflow_from_scratch_shows_gradient_conflict():
     """cos(grad L_TFM, grad L_TCc) < 0 on average over the first 1000 MeanFlow steps (alpha-Flow's finding)."""
     torch.manual_seed(0)

@@ -107,6 +107,7 @@ def _rel(a, b):
 
 
 # ---------------------------------------------------------------------------------------------------- the protocol
+@pytest.mark.slow
 def test_importing_the_package_does_not_import_diffusers():
     code = (
         "import sys, meanflow_losses, meanflow_losses.diffusers; "
@@ -424,6 +425,7 @@ def test_time_scale_benchmark_runs_tiny():
 
 
 # ------------------------------------------------------------------------------ transformers with an added interval
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["dit", "sd3"])
 def test_transformer_with_interval_embedding_starts_from_the_fm_model_and_trains_under_meanflow(name):
     """A DiT / SD3 copy with a zero-initialised E_h added to every timestep embedding: equal to the FM model for

@@ -1,4 +1,4 @@
-"""Every ```python block of README.md and docs/*.md runs, each in a fresh namespace, with no undefined names.
+"""Every ```python block of README.md and docs/ (subfolders too) runs, each in a fresh namespace, no undefined names.
 
 A block is run as written. The package's own names come from the block's own imports; the objects a user brings
 (their network ``net``, a batch ``x`` with labels ``y``, a DDP wrapper, a data loader...) come from a named setup
@@ -37,7 +37,7 @@ import meanflow_losses as mfl
 from tests.nets import time_features
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`\s]*)[^`]*$")
 _DIRECTIVE = re.compile(r"^\s*<!--\s*snippet(?P<kind>-setup)?\s*:\s*(?P<body>.*?)\s*-->\s*$")
@@ -289,7 +289,7 @@ def _fences(path: Path) -> Iterator[int]:
 
 def test_every_python_fence_is_collected() -> None:
     expected = [f"{_display(p)}:{k}" for p in DOC_FILES for k in _fences(p)]
-    assert expected, "no ```python block found in README.md and docs/*.md"
+    assert expected, "no ```python block found in README.md and docs/**/*.md"
     assert [s.id for s in SNIPPETS] == expected
 
 

@@ -90,6 +90,7 @@ def compiled_pair():
     return net, torch.compile(net)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_compiled_model_dudt_equals_eager(compiled_pair, strategy):
     """du/dt of torch.compile(net) equals the eager network's to 1e-5 relative (float32), every strategy."""
@@ -102,6 +103,7 @@ def test_compiled_model_dudt_equals_eager(compiled_pair, strategy):
     assert rel(got, eager) < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "strategy"), list(objective_cases()))
 def test_compiled_model_every_objective_matches_eager(compiled_pair, name, strategy):
     """Loss and gradient of every objective on the compiled network equal the eager network's (1e-5 relative)."""
@@ -198,6 +200,7 @@ def test_joint_strategy_shares_masks_between_prediction_and_dudt():
     assert rel(res.dudt, fd) < 2e-3
 
 
+@pytest.mark.slow
 def test_in_network_label_dropout_warns_and_fd_stays_consistent():
     torch.manual_seed(0)
     net = zoo.EmbMLP(n_classes=3, label_dropout=0.3).train()
@@ -349,6 +352,7 @@ def test_check_model_names_broken_time_embeddings(style, code):
         report.raise_for_problems()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("style", ["t1000", "long", "detach", "round"])
 @pytest.mark.parametrize("name", JVP_OBJECTIVES)
 def test_runtime_warning_for_broken_time_embeddings(style, name):
@@ -383,6 +387,7 @@ def _train_steps(model, loss_fn, steps, shape, classes=None, lr=1e-4):
         opt.step()
 
 
+@pytest.mark.slow
 def test_t1000_dit_warns_within_ten_steps():
     """The natural DDPM port of DiT (t * 1000 embedding, adaLN-Zero so u = 0 at first) is caught within 10 steps."""
     model = _dit(1000.0)
@@ -390,6 +395,7 @@ def test_t1000_dit_warns_within_ten_steps():
         _train_steps(model, mfl.MeanFlowLoss(), 10, (4, 8, 8), classes=10)
 
 
+@pytest.mark.slow
 def test_examples_networks_raise_no_alarm():
     """No warning in 10 MeanFlow steps, and a clean check_model, on every example's network."""
     from examples.digits.model import DiT as DigitsDiT
@@ -450,6 +456,7 @@ def test_meanflow_fd_with_tiny_intervals_is_finite():
 
 
 # ---------------------------------------------------------------------------------------- real U-Nets, diffusers
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_diffusers_unet_with_attention_every_strategy(strategy):
     """diffusers UNet2DModel (attention block -> non-contiguous GroupNorm input) under every strategy."""
@@ -466,6 +473,7 @@ def test_diffusers_unet_with_attention_every_strategy(strategy):
     out.loss.backward()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_diffusers_dit_eval_and_train_mode(strategy):
     """DiTTransformer2DModel: eval mode matches an FD reference; train mode (label drops) keeps FD consistent."""
@@ -487,6 +495,7 @@ def test_diffusers_dit_eval_and_train_mode(strategy):
             loss(model, x, t=t, r=r, noise=e, model_kwargs={"y": y})
 
 
+@pytest.mark.slow
 def test_diffusers_models_train_under_meanflow():
     for model, shape, kw in [
         (zoo.UNetVelocity(zoo.tiny_unet()), (3, 8, 8), {}),
@@ -876,6 +885,7 @@ def test_network_behind_a_lambda_keeps_its_buffers_and_batchnorm_checks():
         call(mfl.MeanFlowLoss(jvp="joint"), lambda z, r_, t_: net(z, r_, t_), x, e, t, r)
 
 
+@pytest.mark.slow
 def test_compiled_network_with_dropout_raises_no_false_alarm(compiled_pair):
     torch.manual_seed(0)
     compiled = torch.compile(zoo.EmbMLP(dropout=0.1).train())
@@ -965,6 +975,7 @@ def test_probe_leaves_the_random_state_alone():
     assert torch.equal(torch.get_rng_state(), state)
 
 
+@pytest.mark.slow
 def test_check_model_looks_past_a_zero_initialised_modulation():
     """A DiT whose adaLN modulation is zero but whose output head is not: r and t are hidden, not ignored."""
     model = _dit(1.0)

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 import meanflow_losses as mfl
-from examples.cli import Range
+from examples.cli import HelpFormatter, Range
 from examples.digits.classifier import accuracy, frechet_distance, train_classifier
 from examples.digits.data import NUM_CLASSES, load_digits
 from examples.digits.train import DigitsConfig, NullLabel, _train_generator, generate
@@ -264,17 +264,25 @@ def save_figure(per_seed: list[dict[str, Any]], seeds: list[int], path: Path) ->
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m examples.digits.pretrained", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m examples.digits.pretrained", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="1 seed, 30 + 30 steps, small evaluation: a smoke run")
-    p.add_argument("--seeds", type=Range(int, 0), nargs="+", default=None, help="default 0 1 2 (quick: 0)")
-    p.add_argument("--pretrain", type=Range(int, 1), default=None, help="FM pretraining steps (default 1000)")
-    p.add_argument("--steps", type=Range(int, 1), default=None, help="MeanFlow steps per path (default 1000)")
-    p.add_argument("--jobs", type=Range(int, 1), default=2, help="seeds trained in parallel (default 2)")
+    p.add_argument(
+        "--seeds", type=Range(int, 0), nargs="+", default=None, help="training seeds (default 0 1 2, quick: 0)"
+    )
+    p.add_argument(
+        "--pretrain", type=Range(int, 1), default=None, help="FM pretraining steps (default 1000, quick: 30)"
+    )
+    p.add_argument(
+        "--steps", type=Range(int, 1), default=None, help="MeanFlow steps per path (default 1000, quick: 30)"
+    )
+    p.add_argument("--jobs", type=Range(int, 1), default=2, help="seeds trained in parallel")
     p.add_argument(
         "--ema",
         type=Range(float, 0, 1, hi_open=True),
         default=0.99,
-        help="EMA decay of the evaluated networks (default 0.99: the example's 0.999 keeps 37%% of the "
+        help="EMA decay of the evaluated networks (lower than the example's 0.999, which keeps 37%% of the "
         "initialisation after 1000 steps)",
     )
     p.add_argument("--out", default=None, help="folder of the table (default docs/, quick: runs/digits_pretrained)")

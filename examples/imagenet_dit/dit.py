@@ -38,7 +38,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["DIT_SIZES", "DiT", "DiTConfig", "build_dit", "flow_matching_init_", "make_dit_config"]
+__all__ = [
+    "DIT_SIZES",
+    "GUIDANCE_INPUTS",
+    "DiT",
+    "DiTConfig",
+    "build_dit",
+    "flow_matching_init_",
+    "guidance_kwargs",
+    "make_dit_config",
+]
 
 
 @dataclass(frozen=True)
@@ -58,10 +67,16 @@ class DiTConfig:
     # Decoupled MeanFlow (Lee et al. 2025): the last k blocks and the final layer are conditioned on r (through the
     # same time embedder) and h, the first depth - k blocks on t alone; 0 = every block on (t, h)
     decoupled_last_blocks: int = 0
+    # Improved MeanFlow (Geng et al. 2025): the guidance scale omega and interval (t_min, t_max) are inputs, each
+    # through its own sinusoidal embedder added to the conditioning (the official iMF DiT uses in-context tokens)
+    guidance_inputs: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
 
+
+#: The ``model_kwargs`` names of a guidance-input DiT (those of ``mfl.GuidanceAsInput``'s defaults).
+GUIDANCE_INPUTS = ("omega", "t_min", "t_max")
 
 # name -> (depth, hidden size, heads, patch). Parameter counts at 32x32x4 latents: S/2 33M, B/2 131M,
 # L/2 459M, XL/2 676M (the extra h-embedder adds ~1% over the original DiT).
@@ -237,6 +252,11 @@ class DiT(nn.Module):
         self.t_embedder = TimeEmbedder(C, config.frequency_dim, config.time_scale)
         self.h_embedder = TimeEmbedder(C, config.frequency_dim, config.time_scale)
         self.y_embedder = LabelEmbedder(config.num_classes, C)
+        self.guidance_embedders = (
+            nn.ModuleDict({k: TimeEmbedder(C, config.frequency_dim) for k in GUIDANCE_INPUTS})
+            if config.guidance_inputs
+            else None
+        )
         grid = config.input_size // config.patch_size
         self.register_buffer("pos_embed", torch.from_numpy(sincos_pos_embed_2d(C, grid))[None], persistent=False)
         self.blocks = nn.ModuleList(DiTBlock(C, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
@@ -253,7 +273,8 @@ class DiT(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
         nn.init.normal_(self.y_embedder.table.weight, std=0.02)
-        for emb in (self.t_embedder, self.h_embedder):
+        extra = list(self.guidance_embedders.values()) if self.guidance_embedders is not None else []
+        for emb in (self.t_embedder, self.h_embedder, *extra):
             nn.init.normal_(emb.mlp[0].weight, std=0.02)
             nn.init.normal_(emb.mlp[2].weight, std=0.02)
         for block in self.blocks:
@@ -270,17 +291,25 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], g, g, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
 
-    def forward(self, x: Tensor, t: Tensor, h: Tensor, y: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, h: Tensor, y: Tensor, **guidance: Tensor) -> Tensor:
+        """``u`` of shape ``x.shape``; ``guidance`` holds ``omega``, ``t_min``, ``t_max`` (``(B,)`` each) exactly
+        when the config has ``guidance_inputs`` (improved MeanFlow's guidance as input)."""
         cfg = self.config
         if x.shape[1:] != (cfg.in_channels, cfg.input_size, cfg.input_size):
             raise ValueError(
                 f"x must have shape (B, {cfg.in_channels}, {cfg.input_size}, {cfg.input_size}), got {tuple(x.shape)}"
             )
+        if set(guidance) != (set(GUIDANCE_INPUTS) if cfg.guidance_inputs else set()):
+            want = f"exactly {list(GUIDANCE_INPUTS)}" if cfg.guidance_inputs else "none (guidance_inputs is off)"
+            raise ValueError(f"this DiT takes guidance inputs {want}, got {sorted(guidance)}")
         dtype = self.pos_embed.dtype  # float32 (float64 after .double())
         split = cfg.depth - cfg.decoupled_last_blocks  # blocks [0, split) see t only when decoupled
         with _fp32(x):
             tokens = self.x_embedder(x.to(dtype)) + self.pos_embed
             label = self.y_embedder(y)
+            if self.guidance_embedders is not None:
+                for key, emb in self.guidance_embedders.items():
+                    label = label + emb(guidance[key])
             if split == cfg.depth:
                 c = c_first = self.t_embedder(t) + self.h_embedder(h) + label
             else:  # Decoupled MeanFlow: r = t - h (its tangent is dt - dh = 0 under the JVP)
@@ -294,6 +323,16 @@ class DiT(nn.Module):
                 tokens = block(tokens, cond)
         out = self.final_layer(tokens, c)
         return self.unpatchify(out).to(x.dtype)
+
+
+def guidance_kwargs(
+    cfg: DiTConfig, n: int, scale: float, interval: tuple[float, float], device: torch.device | str
+) -> dict[str, Tensor]:
+    """Sampling-time ``model_kwargs`` entries of a guidance-input DiT (``{}`` for the others)."""
+    if not cfg.guidance_inputs:
+        return {}
+    values = (float(scale), float(interval[0]), float(interval[1]))
+    return {k: torch.full((n,), v, device=device) for k, v in zip(GUIDANCE_INPUTS, values, strict=True)}
 
 
 @torch.no_grad()

@@ -57,6 +57,7 @@ class ModelSection:
     time_scale: float = 1.0  # 1 = raw t in [0, 1]; never 1000 with JVP objectives
     grad_checkpointing: bool = False
     decoupled_last_blocks: int = 0  # Decoupled MeanFlow: the last k blocks see r instead of t (0 = off)
+    guidance_inputs: bool = False  # iMF: omega, t_min, t_max are network inputs (objective.guidance GuidanceAsInput)
 
 
 @dataclass
@@ -123,6 +124,8 @@ class SamplingSection:
     two_step_method: str = "ode"  # "ode" or "consistency" (2-NFE grids and sample.py default)
     two_step_mid: float = 0.5  # middle time of the 2-step grid [1, mid, 0]
     vae: str = ""  # VAE for decoding grids; default: the one in the latent manifest
+    guidance_scale: float = 1.0  # guidance-input models (model.guidance_inputs): the scale omega given at sampling
+    guidance_interval: tuple[float, float] = (0.0, 1.0)  # ... and the interval [t_min, t_max]
 
 
 @dataclass
@@ -222,6 +225,19 @@ class Config:
             )
         if not 0.0 < self.sampling.two_step_mid < 1.0:
             raise ConfigError(f"sampling.two_step_mid must lie in (0, 1), got {self.sampling.two_step_mid}")
+        iv = self.sampling.guidance_interval
+        if len(iv) != 2 or not 0.0 <= iv[0] <= iv[1] <= 1.0:
+            raise ConfigError(f"sampling.guidance_interval must be [t_min, t_max] in [0, 1], got {list(iv)}")
+        if not self.sampling.guidance_scale >= 1.0:
+            raise ConfigError(f"sampling.guidance_scale must be >= 1, got {self.sampling.guidance_scale}")
+        guidance = self.objective.get("guidance")
+        as_input = isinstance(guidance, dict) and guidance.get("type") == "GuidanceAsInput"
+        if as_input != self.model.guidance_inputs:
+            raise ConfigError(
+                "objective.guidance of type GuidanceAsInput and model.guidance_inputs = true go together "
+                f"(got guidance type {guidance.get('type') if isinstance(guidance, dict) else None!r}, "
+                f"model.guidance_inputs = {self.model.guidance_inputs}): the network must take omega, t_min, t_max"
+            )
         if not 0.0 < self.ema.decay < 1.0:
             raise ConfigError(f"ema.decay must lie in (0, 1), got {self.ema.decay}")
         if self.ema.half_life_steps < 0 or self.ema.warmup_ratio < 0:

@@ -20,6 +20,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from examples import cli
+from examples.imagenet_dit.dit_config import list_configs
+
 REPO = Path(__file__).resolve().parents[2]  # the repository root (examples/ is not installed)
 
 # --set overrides that shrink any config to a CPU-sized model and run
@@ -155,11 +158,22 @@ def torchrun(module: str, args: list[str], nproc: int = 2, env: dict | None = No
     return res.stdout + res.stderr
 
 
+def _parser() -> argparse.ArgumentParser:
+    p = cli.make_parser(
+        "python -m examples.imagenet_dit.dit_smoke", "tiny CPU run of prepare_latents -> train -> sample -> FID"
+    )
+    p.add_argument("--workdir", required=True, help="folder of the synthetic images, latents, run and samples")
+    p.add_argument(
+        "--config",
+        default="meanflow_b2",
+        help=f"training config, shrunk to a tiny DiT: a name in configs/ ({', '.join(list_configs())}) or a "
+        "path to a .toml",
+    )
+    return p
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="tiny CPU run of prepare_latents -> train -> sample -> FID")
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--config", default="meanflow_b2")
-    args = p.parse_args(argv)
+    args = _parser().parse_args(argv)
     work = Path(args.workdir)
     paths = build_tiny_latents(work)
     images = paths["images"]

@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from examples import cli
 from examples.imagenet_dit.latent_data import FORMAT, MANIFEST, read_manifest, shard_is_complete, write_shard
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -280,19 +281,24 @@ def prepare_latents(
     return manifest
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def _parser() -> argparse.ArgumentParser:
+    p = cli.make_parser("python -m examples.imagenet_dit.prepare_latents", __doc__.split("\n")[0])
     p.add_argument("--data-path", required=True, help="ImageFolder root: <data-path>/<class>/<image>")
     p.add_argument("--out", required=True, help="output directory for the latent shards")
     p.add_argument("--vae", default=DEFAULT_VAE, help="diffusers AutoencoderKL: hub id or local directory")
-    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=256, help="side of the ADM center crop, in pixels")
     p.add_argument("--batch-size", type=int, default=64, help="images per VAE forward (x2 with flips)")
-    p.add_argument("--shard-size", type=int, default=10_000)
+    p.add_argument("--shard-size", type=int, default=10_000, help="images per shard (a finished shard is never redone)")
     p.add_argument("--num-workers", type=int, default=8, help="PIL decoding workers per process")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage dtype")
     p.add_argument("--no-flip", action="store_true", help="do not store horizontally flipped copies")
     p.add_argument("--limit", type=int, default=None, help="only the first N images of the sorted list")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = _parser()
     args = p.parse_args(argv)
 
     rank = int(os.environ.get("RANK", 0))

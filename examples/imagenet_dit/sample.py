@@ -37,7 +37,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 import meanflow_losses as mfl
-from examples.imagenet_dit.dit import DiT, DiTConfig
+from examples import cli
+from examples.imagenet_dit.dit import DiT, DiTConfig, guidance_kwargs
 from examples.imagenet_dit.dit_runtime import (
     DistInfo,
     latents_to_uint8,
@@ -88,8 +89,14 @@ def generate(
     decode: Callable[[Tensor], np.ndarray] | None = None,
     bf16: bool = False,
     progress: bool = False,
+    guidance_scale: float = 1.0,
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Samples for ``indices``: decoded uint8 images (or float latents when ``decode`` is None) and labels."""
+    """Samples for ``indices``: decoded uint8 images (or float latents when ``decode`` is None) and labels.
+
+    A guidance-input DiT (``guidance_inputs``, improved MeanFlow) samples at ``guidance_scale`` and
+    ``guidance_interval``; the other DiTs ignore both (their guidance was fixed in training).
+    """
     device = torch.device(device)
     outs: list[np.ndarray] = []
     ys: list[int] = []
@@ -108,7 +115,8 @@ def generate(
             g = torch.Generator().manual_seed(seed * 7_919 + int(chunk[0]) + 1)
             renoise = [torch.randn(noise.shape, generator=g).to(device) for _ in range(len(grid) - 2)]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            z = mfl.sample(model, noise, grid=list(grid), method=method, model_kwargs={"y": y}, renoise=renoise)
+            kw = {"y": y, **guidance_kwargs(dit_cfg, len(chunk), guidance_scale, guidance_interval, device)}
+            z = mfl.sample(model, noise, grid=list(grid), method=method, model_kwargs=kw, renoise=renoise)
         z = z.float()
         outs.append(decode(z) if decode is not None else z.cpu().numpy())
         ys.extend(d[1] for d in draws)
@@ -202,24 +210,60 @@ def parse_grid(args: argparse.Namespace) -> list[float]:
     return mfl.make_grid(args.steps)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description="1-/2-step sampling to an ADM .npz, and in-process FID.")
+def _parser() -> argparse.ArgumentParser:
+    p = cli.make_parser(
+        "python -m examples.imagenet_dit.sample", "1-/2-step sampling to an ADM .npz, and in-process FID."
+    )
     p.add_argument("--ckpt", required=True, help="checkpoint file, checkpoints/ directory or run directory")
     p.add_argument("--out", required=True, help="output .npz (arr_0 uint8 NHWC images, arr_1 labels)")
-    p.add_argument("--num-images", type=int, default=50_000)
+    p.add_argument("--num-images", type=int, default=50_000, help="images to generate, over all processes")
     p.add_argument("--steps", type=int, default=1, help="uniform grid of this many steps (ignored with --grid)")
     p.add_argument("--grid", default="", help="explicit grid, e.g. 1.0,0.55,0.0")
-    p.add_argument("--method", default="ode", choices=["ode", "consistency"])
-    p.add_argument("--weights", default="ema", choices=["ema", "model"])
-    p.add_argument("--labels", default="random", choices=["random", "balanced"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--method",
+        default="ode",
+        choices=["ode", "consistency"],
+        help="sampler: ode (z_r = z_t - (t - r) u, MeanFlow) or consistency (jump to t = 0, re-noise to the next "
+        "time: alpha-Flow's 2-step sampler)",
+    )
+    p.add_argument(
+        "--weights", default="ema", choices=["ema", "model"], help="weights of the checkpoint: EMA or online"
+    )
+    p.add_argument(
+        "--labels",
+        default="random",
+        choices=["random", "balanced"],
+        help="class labels: uniformly random, or balanced (image i gets class i mod the number of classes)",
+    )
+    p.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="guidance-input DiTs (imf_b2): the guidance scale to sample at (default: the run's "
+        "sampling.guidance_scale; other DiTs ignore it, their guidance was fixed in training)",
+    )
+    p.add_argument(
+        "--guidance-interval",
+        default=None,
+        metavar="T_MIN,T_MAX",
+        help="guidance-input DiTs: the t interval where guidance applies, e.g. 0.4,0.65 (default: the run's "
+        "sampling.guidance_interval)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of every image's noise and label (image i: seed and i)")
     p.add_argument("--batch-size", type=int, default=125, help="images per forward per process")
     p.add_argument("--vae", default="", help="VAE for decoding (default: the one the latents were made with)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the DiT (the VAE decodes in float32)")
     p.add_argument("--fid-ref", default="", help="reference images for FID: ADM .npz (arr_0) or ImageFolder")
-    p.add_argument("--fid-ref-limit", type=int, default=None)
+    p.add_argument(
+        "--fid-ref-limit", type=int, default=None, help="only the first N reference images (default: all of them)"
+    )
     p.add_argument("--fid-feature", default="", help="module:factory of a replacement FID feature network")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = _parser()
     args = p.parse_args(argv)
 
     info = setup_distributed(args.device)
@@ -235,6 +279,14 @@ def _run(args: argparse.Namespace, info: DistInfo) -> dict:
     ckpt_file = resolve_checkpoint(args.ckpt)
     model, dit_cfg, ckpt = load_model(ckpt_file, args.weights, info.device)
     latents_info = ckpt.get("latents", {})
+    run_sampling = ckpt.get("config", {}).get("sampling", {})
+    scale = args.guidance_scale if args.guidance_scale is not None else float(run_sampling.get("guidance_scale", 1.0))
+    if args.guidance_interval:
+        interval = tuple(float(v) for v in args.guidance_interval.split(","))
+        if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
+            raise ValueError(f"--guidance-interval must be t_min,t_max in [0, 1], got {args.guidance_interval!r}")
+    else:
+        interval = tuple(run_sampling.get("guidance_interval", (0.0, 1.0)))
     del ckpt
     grid = parse_grid(args)
     vae_source = args.vae or latents_info.get("vae", "")
@@ -264,6 +316,8 @@ def _run(args: argparse.Namespace, info: DistInfo) -> dict:
         device=info.device,
         decode=decode,
         bf16=args.bf16,
+        guidance_scale=scale,
+        guidance_interval=interval,
         progress=info.is_main,
     )
     if empty:

@@ -64,7 +64,8 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
 import meanflow_losses as mfl
-from examples.imagenet_dit.dit import DiT, DiTConfig, flow_matching_init_, make_dit_config
+from examples import cli
+from examples.imagenet_dit.dit import DiT, DiTConfig, flow_matching_init_, guidance_kwargs, make_dit_config
 from examples.imagenet_dit.dit_config import (
     Config,
     ConfigError,
@@ -112,6 +113,7 @@ def dit_config_for(cfg: Config, latent_shape: tuple[int, int, int], num_classes:
             num_classes=num_classes,
             time_scale=m.time_scale,
             decoupled_last_blocks=m.decoupled_last_blocks,
+            guidance_inputs=m.guidance_inputs,
             **overrides,
         )
     except ValueError as err:
@@ -471,28 +473,33 @@ def sample_grid(
     device: torch.device,
     two_step_method: str,
     two_step_mid: float,
+    guidance_scale: float = 1.0,
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
 ) -> dict[str, Tensor]:
-    """1- and 2-step samples (latents) from fixed noise and labels."""
+    """1- and 2-step samples (latents) from fixed noise and labels (guidance-input DiTs: at the given scale)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     shape = (n, dit_cfg.in_channels, dit_cfg.input_size, dit_cfg.input_size)
     noise = torch.randn(shape, generator=g).to(device)
     y = (torch.arange(n) % dit_cfg.num_classes).to(device)
     renoise = [torch.randn(shape, generator=g).to(device)]
-    out = {"1step": mfl.sample(model, noise, steps=1, model_kwargs={"y": y})}
+    kw = {"y": y, **guidance_kwargs(dit_cfg, n, guidance_scale, guidance_interval, device)}
+    out = {"1step": mfl.sample(model, noise, steps=1, model_kwargs=kw)}
     out[f"2step_{two_step_method}"] = mfl.sample(
         model,
         noise,
         grid=[1.0, two_step_mid, 0.0],
         method=two_step_method,
-        model_kwargs={"y": y},
+        model_kwargs=kw,
         renoise=renoise if two_step_method == "consistency" else None,
     )
     return out
 
 
 # ------------------------------------------------------------------------------------------------------- main
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Train a DiT with a meanflow_losses objective (torchrun DDP/FSDP2).")
+def _parser() -> argparse.ArgumentParser:
+    p = cli.make_parser(
+        "python -m examples.imagenet_dit.train", "Train a DiT with a meanflow_losses objective (torchrun DDP/FSDP2)."
+    )
     p.add_argument(
         "--config", required=True, help=f"a name in configs/ ({', '.join(list_configs())}) or a path to a .toml"
     )
@@ -526,7 +533,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="PATH",
         help="distil from a frozen flow-matching run or checkpoint (sets train.teacher_checkpoint)",
     )
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line's options (``--help`` lists every config of configs/)."""
+    return _parser().parse_args(argv)
 
 
 class _StopFlag:
@@ -847,6 +859,8 @@ def write_grids(
             info.device,
             cfg.sampling.two_step_method,
             cfg.sampling.two_step_mid,
+            cfg.sampling.guidance_scale,
+            cfg.sampling.guidance_interval,
         )
     if not info.is_main:
         return

@@ -31,6 +31,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from examples import cli
 from examples.cli import Range
 from examples.toy2d import datasets
 from examples.toy2d.train import RANGES, TrainConfig, train
@@ -234,25 +235,33 @@ def write_report(result: dict[str, Any], base: TrainConfig, out: Path, command: 
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m examples.toy2d.pretrained", description=__doc__.split("\n\n")[0])
+    p = cli.make_parser("python -m examples.toy2d.pretrained", __doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="1 seed, 400 + 400 steps, small evaluation: a smoke run")
-    p.add_argument("--seeds", type=RANGES["seed"], nargs="+", default=None, help="default 0 1 2 (quick: 0)")
-    p.add_argument("--pretrain", type=RANGES["steps"], default=None, help="FM pretraining steps (default 2000)")
+    p.add_argument(
+        "--seeds", type=RANGES["seed"], nargs="+", default=None, help="training seeds (default 0 1 2, quick: 0)"
+    )
+    p.add_argument(
+        "--pretrain", type=RANGES["steps"], default=None, help="FM pretraining steps (default 2000, quick: 400)"
+    )
     p.add_argument(
         "--steps",
         type=RANGES["steps"],
         default=None,
-        help="MeanFlow steps of each path after pretraining (default 2000)",
+        help="MeanFlow steps of each path after pretraining (default 2000, quick: 400)",
     )
-    p.add_argument("--batch", type=RANGES["batch"], default=None, help="batch size (default 1024)")
+    p.add_argument("--batch", type=RANGES["batch"], default=None, help="batch size (default 1024, quick: 256)")
     p.add_argument(
         "--dataset",
         default="checkerboard",
         choices=sorted(datasets.DATASETS),
-        help="target distribution (default checkerboard)",
+        help="target distribution",
     )
-    p.add_argument("--jobs", type=Range(int, 1), default=2, help="parallel runs (default 2)")
-    p.add_argument("--out", default=None, help="folder of the table and figure (default docs/, quick: runs/)")
+    p.add_argument("--jobs", type=Range(int, 1), default=2, help="parallel runs")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="folder of the table and figure (default docs/, quick: runs/toy2d_pretrained_quick)",
+    )
     p.add_argument("--run-dir", default=None, help="folder of the runs (default runs/toy2d_pretrained[_quick])")
     p.add_argument(
         "--reuse",

@@ -1,6 +1,6 @@
 """The toy study: FM, MeanFlow, alpha-Flow, Kim et al. and SplitMeanFlow at equal training steps over seeds.
 
-    python -m examples.toy2d.study --quick      # README demo: 1 seed, short runs, under 3 minutes on 2 cores
+    python -m examples.toy2d.study --quick      # README demo: 1 seed, short runs, 4.5 to 9 minutes on 2 cores
     python -m examples.toy2d.study              # the full study: 3 seeds x 4000 steps, writes docs/
 
 Every method trains the same 4 x 256 MLP for the same number of steps and batch size on the checkerboard; the
@@ -505,22 +505,31 @@ def _compare(rows: dict[str, Any], a: str, b: str) -> str:
     )
 
 
+def _method_names() -> list[str]:
+    """What ``--methods`` accepts: the rows' labels and their method names."""
+    return [e.label for e in ENTRIES] + sorted({e.method for e in ENTRIES})
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m examples.toy2d.study", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="README demo: 1 seed, short runs (< 3 min on 2 cores)")
-    p.add_argument("--seeds", type=RANGES["seed"], nargs="+", default=None, help="default 0 1 2 (quick: 0)")
+    p = cli.make_parser("python -m examples.toy2d.study", __doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="README demo: 1 seed, 5 rows of 1500 steps, 2 runs in parallel")
+    p.add_argument(
+        "--seeds", type=RANGES["seed"], nargs="+", default=None, help="training seeds (default 0 1 2, quick: 0)"
+    )
     p.add_argument(
         "--steps", type=RANGES["steps"], default=None, help="training steps of every run (default 4000, quick 1500)"
     )
     p.add_argument("--batch", type=RANGES["batch"], default=None, help="batch size (default 1024)")
-    p.add_argument("--methods", nargs="+", default=None, help="labels or method names to run (default all)")
     p.add_argument(
-        "--dataset",
-        default="checkerboard",
-        choices=sorted(datasets.DATASETS),
-        help="target distribution (default checkerboard)",
+        "--methods",
+        nargs="+",
+        default=None,
+        choices=_method_names(),
+        metavar="METHOD",
+        help="rows to run, by label or method name (default: every row; quick: the quick rows): %(choices)s",
     )
-    p.add_argument("--jobs", type=Range(int, 1), default=None, help="parallel runs (default: 1, quick: 2)")
+    p.add_argument("--dataset", default="checkerboard", choices=sorted(datasets.DATASETS), help="target distribution")
+    p.add_argument("--jobs", type=Range(int, 1), default=None, help="parallel runs (default 1, quick: 2)")
     p.add_argument(
         "--out", default=None, help="folder of the table and figures (default docs/, with --quick runs/toy2d_quick/)"
     )

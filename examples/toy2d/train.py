@@ -1036,19 +1036,63 @@ HELP: dict[str, str] = {
 }
 
 
+#: The sections of ``--help``: every option of :class:`TrainConfig`, grouped by what it concerns.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "run": ("method", "dataset", "steps", "batch", "seed"),
+    "optimisation": ("lr", "lr_schedule", "lr_final", "warmup", "beta2", "grad_clip", "ema"),
+    "times, weighting and reduction (every objective)": (
+        "time_dist",
+        "time_mean",
+        "time_std",
+        "equal_fraction",
+        "equal_draw",
+        "weight_p",
+        "weight_c",
+        "reduction",
+    ),
+    "JVP objectives (MeanFlow family)": ("jvp", "tangent", "aux_weight"),
+    "alpha-Flow (--method alphaflow)": ("alpha_start", "alpha_end", "alpha_gamma", "eta"),
+    "Kim et al. (--method kim)": ("kim_k", "min_snr_gamma"),
+    "noise-data coupling": ("coupling", "ot_block", "reflow_from", "reflow_pool", "reflow_steps"),
+    "starting from a pretrained network": ("init_from", "teacher"),
+    "conditioning and guidance (class-conditional runs)": (
+        "conditional",
+        "omega",
+        "kappa",
+        "drop_prob",
+        "guidance_interval",
+    ),
+    "network": ("width", "depth", "emb_dim", "max_freq", "act", "arch"),
+    "evaluation and diagnostics": ("eval_points", "eval_steps", "energy_points", "conflict_every", "conflict_batch"),
+    "output, checkpoints and resuming": (
+        "out",
+        "figures",
+        "checkpoint",
+        "checkpoint_every",
+        "log_every",
+        "progress",
+        "threads",
+    ),
+}
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m examples.toy2d.train", description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter
+    p = cli.make_parser(
+        "python -m examples.toy2d.train",
+        __doc__.split("\n\n")[0],
+        usage="%(prog)s [-h] [--method NAME] [--dataset NAME] [--steps N] [options]",
     )
-    cli.add_config_options(p, TrainConfig, HELP, RANGES, choices(), metavars={"guidance_interval": ("LO", "HI")})
-    p.add_argument(
+    groups = cli.add_config_options(
+        p, TrainConfig, HELP, RANGES, choices(), metavars={"guidance_interval": ("LO", "HI")}, groups=GROUPS
+    )
+    groups["output, checkpoints and resuming"].add_argument(
         "--resume",
         action="store_true",
         help="continue the run whose checkpoint.pt is in --out (written every --checkpoint-every steps "
         "and at the end) exactly where it stopped; options not given are the checkpoint's, a "
         "training option that differs from it is refused",
     )
-    p.add_argument(
+    groups["times, weighting and reduction (every objective)"].add_argument(
         "--recipe",
         choices=sorted(mfl.presets.RECIPES),
         help="start from a named recipe's times, weighting and reduction (mfl.presets.RECIPES: imagenet = "

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from meanflow_losses._validate import check_bool, check_real
 from meanflow_losses.conventions import append_dims
-from meanflow_losses.guidance import TrainingGuidance
+from meanflow_losses.guidance import GuidanceAsInput, TrainingGuidance
 from meanflow_losses.jvp import JVPStrategy, check_strategy
 from meanflow_losses.jvp_attention import JVPAttention
 from meanflow_losses.model_checks import RuntimeChecks
@@ -134,7 +134,7 @@ class AlphaFlowLoss:
     weighting: AdaptiveWeight = field(default_factory=lambda: AdaptiveWeight(p=1.0, c=1e-3))
     reduction: str = "mean"
     target_clip: float | None = None
-    guidance: TrainingGuidance | None = None
+    guidance: TrainingGuidance | GuidanceAsInput | None = None
     alpha_scale: Literal["alpha", "inverse", "one"] = "alpha"
     jvp: JVPStrategy = "nograd"
     jvp_attention: JVPAttention = "auto"

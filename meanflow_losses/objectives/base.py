@@ -24,7 +24,7 @@ from meanflow_losses._validate import (
 from meanflow_losses.adapters import check_protocol, ignores_r
 from meanflow_losses.conditioning import Conditioning
 from meanflow_losses.conventions import conditional_velocity, interpolate
-from meanflow_losses.guidance import GuidanceResult, TrainingGuidance, apply_guidance
+from meanflow_losses.guidance import GuidanceAsInput, GuidanceResult, TrainingGuidance, apply_guidance
 from meanflow_losses.teachers import as_teacher
 from meanflow_losses.times import TimePairSampler, TimeSampler
 
@@ -248,7 +248,7 @@ def start_step(
     model: Any,
     x: Tensor,
     times: TimeSampler | TimePairSampler,
-    guidance: TrainingGuidance | None,
+    guidance: TrainingGuidance | GuidanceAsInput | None,
     *,
     objective: str,
     model_kwargs: Any = None,
@@ -265,6 +265,7 @@ def start_step(
     checks: Any = None,
     strategy: str | None = None,
     teacher: Any = None,
+    model_tangent: bool = False,
 ) -> GuidedBatch:
     """The shared start of a training step: validate, draw, guide, split the rows.
 
@@ -293,6 +294,8 @@ def start_step(
             ``e - x`` (see :mod:`meanflow_losses.teachers`).
         checks: The objective's :class:`~meanflow_losses.model_checks.RuntimeChecks` (``None``: off).
         strategy: The objective's JVP strategy (``None`` without JVP), for the first-call checks.
+        model_tangent: The objective's JVP tangent on the interval rows is the network's own velocity: with
+            :class:`~meanflow_losses.guidance.GuidanceAsInput` the guidance computes it (``GuidanceResult.tangent``).
     """
     b = prepare_batch(
         model,
@@ -316,13 +319,23 @@ def start_step(
     teacher = as_teacher(teacher)
     if teacher is not None and v_target is not None:
         raise ValueError("pass teacher= or v_target=, not both: each replaces the target velocity e - x")
-    g = apply_guidance(
-        guidance, tm, b.z, b.t, b.v, b.model_kwargs, drop_mask=drop_mask, generator=generator, teacher=teacher
-    )
     if b.interval_rows is not None:  # the sampler's rows are THE interval rows (a float32 tie r = t keeps its role)
         neq = torch.zeros(b.t.shape, dtype=torch.bool, device=b.t.device).index_fill(0, b.interval_rows, True)
     else:
         neq = b.r != b.t
+    g = apply_guidance(
+        guidance,
+        tm,
+        b.z,
+        b.t,
+        b.v,
+        b.model_kwargs,
+        drop_mask=drop_mask,
+        generator=generator,
+        teacher=teacher,
+        fm_rows=~neq,
+        tangent_rows=neq if model_tangent else None,
+    )
     gb = GuidedBatch(b=b, target_model=tm, v_tilde=g.v_tilde, model_kwargs=g.model_kwargs, guidance=g, neq=neq)
     if needs_r:
         check_uses_r(model, tm, gb, objective)
@@ -479,9 +492,10 @@ def check_row_hook(name: str, hook: Any) -> None:
 
 
 def check_guidance(guidance: Any) -> None:
-    """Check at construction that ``guidance`` is ``None`` or a :class:`TrainingGuidance`."""
-    if guidance is not None and not isinstance(guidance, TrainingGuidance):
-        raise TypeError(f"guidance must be None or a TrainingGuidance, got {type(guidance).__name__}")
+    """Check at construction that ``guidance`` is ``None``, a ``TrainingGuidance`` or a ``GuidanceAsInput``."""
+    if guidance is not None and not isinstance(guidance, (TrainingGuidance, GuidanceAsInput)):
+        got = type(guidance).__name__
+        raise TypeError(f"guidance must be None, a TrainingGuidance or a GuidanceAsInput, got {got}")
 
 
 def check_times_sampler(times: Any, *, pairs_only: bool) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from meanflow_losses.guidance import TrainingGuidance
+from meanflow_losses.guidance import GuidanceAsInput, TrainingGuidance
 from meanflow_losses.model_checks import RuntimeChecks
 from meanflow_losses.objectives.base import (
     LossOutput,
@@ -53,7 +53,7 @@ class FlowMatchingLoss:
     times: TimeSampler | TimePairSampler = field(default_factory=lambda: TimeSampler("logit_normal", -0.4, 1.0))
     weighting: AdaptiveWeight = field(default_factory=lambda: AdaptiveWeight(p=0.0))
     reduction: str = "mean"
-    guidance: TrainingGuidance | None = None
+    guidance: TrainingGuidance | GuidanceAsInput | None = None
     runtime_checks: bool = True
     _checks: RuntimeChecks = field(default_factory=RuntimeChecks, init=False, repr=False, compare=False)
 

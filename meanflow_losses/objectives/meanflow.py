@@ -38,7 +38,7 @@ from torch import Tensor
 
 from meanflow_losses._validate import check_bool, check_real
 from meanflow_losses.conventions import append_dims
-from meanflow_losses.guidance import TrainingGuidance
+from meanflow_losses.guidance import GuidanceAsInput, TrainingGuidance
 from meanflow_losses.jvp import JVPStrategy, check_strategy, time_derivative
 from meanflow_losses.jvp_attention import JVPAttention, check_attention
 from meanflow_losses.model_checks import RuntimeChecks
@@ -104,14 +104,17 @@ class MeanFlowLoss:
         times: ``(t, r)`` pair sampler (``equal_fraction`` = share of ``r = t`` rows).
         weighting: Adaptive weight; MeanFlow uses ``p = 1``.
         reduction: ``"sum"`` (official MeanFlow) or ``"mean"`` over data dimensions.
-        guidance: Optional training-time guidance and condition dropout.
+        guidance: Optional training-time guidance and condition dropout: :class:`TrainingGuidance` (a fixed
+            scale baked into the target) or :class:`GuidanceAsInput` (iMF: scale and interval drawn per row and
+            given to the network).
         jvp: ``"nograd"`` (default), ``"joint"`` or ``"finite_difference"``.
         jvp_attention: How the network's SDPA calls are differentiated in the JVP: ``"auto"`` (default: the
             ``jvp-flash-attention`` kernel on CUDA when installed, else ``"blockwise"``), ``"blockwise"`` (fused
             forward, blockwise exact tangent, memory ``O(N x block)``), ``"flash"`` or ``"math"``.
         jvp_fp32: Run the JVP in float32 with autocast disabled.
         fd_eps: Finite-difference step (default depends on dtype).
-        tangent: ``"conditional"`` (:math:`\tilde v`, MeanFlow) or ``"model"`` (:math:`v_\theta`, iMF).
+        tangent: ``"conditional"`` (:math:`\tilde v`, MeanFlow) or ``"model"`` (:math:`v_\theta`, iMF; with
+            :class:`GuidanceAsInput` the guided velocity :math:`v_c` of the guidance pass).
         compound: Log the iMF compound form :math:`V = u + (t - r)\,\mathrm{sg}(du/dt)` (same regression).
         aux_velocity_weight: Weight of the auxiliary instantaneous-velocity loss (iMF); 0 disables it.
         interval_weight: Optional ``(t, r, step) -> (B,)`` multiplier applied after the adaptive weight on
@@ -125,7 +128,7 @@ class MeanFlowLoss:
     times: TimePairSampler = field(default_factory=lambda: TimePairSampler("logit_normal", -0.4, 1.0, 0.75))
     weighting: AdaptiveWeight = field(default_factory=lambda: AdaptiveWeight(p=1.0, c=1e-3))
     reduction: str = "sum"
-    guidance: TrainingGuidance | None = None
+    guidance: TrainingGuidance | GuidanceAsInput | None = None
     jvp: JVPStrategy = "nograd"
     jvp_attention: JVPAttention = "auto"
     jvp_fp32: bool = True
@@ -218,6 +221,7 @@ class MeanFlowLoss:
             teacher=teacher,
             checks=self._checks if self.runtime_checks else None,
             strategy=self.jvp,
+            model_tangent=self.tangent == "model",
         )
         b, tm, v_t, kw, neq, idx = gb.b, gb.target_model, gb.v_tilde, gb.model_kwargs, gb.neq, gb.idx
         batch, n_j = b.x.shape[0], idx.numel()
@@ -230,7 +234,9 @@ class MeanFlowLoss:
         if n_j > 0:
             z_j, r_j, t_j = b.z.index_select(0, idx), b.r.index_select(0, idx), b.t.index_select(0, idx)
             kw_j = kw.select(idx)
-            if self.tangent == "model":
+            if self.tangent == "model" and gb.guidance.tangent is not None:  # GuidanceAsInput computed v_c
+                tan = gb.guidance.tangent.index_select(0, idx)
+            elif self.tangent == "model":
                 tan = no_grad_call(tm, z_j, t_j, t_j, kw_j).to(v_t.dtype)
             else:
                 tan = v_t.index_select(0, idx)

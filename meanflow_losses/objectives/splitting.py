@@ -33,7 +33,7 @@ from torch import Tensor
 
 from meanflow_losses._validate import _values_on, check_batch, check_int, check_real
 from meanflow_losses.conventions import append_dims
-from meanflow_losses.guidance import TrainingGuidance
+from meanflow_losses.guidance import GuidanceAsInput, TrainingGuidance
 from meanflow_losses.model_checks import RuntimeChecks
 from meanflow_losses.objectives.base import (
     LossOutput,
@@ -147,7 +147,7 @@ class SplitMeanFlowLoss:
     lam: float | None = None
     weighting: AdaptiveWeight = field(default_factory=lambda: AdaptiveWeight(p=1.0, c=1e-3))
     reduction: str = "sum"
-    guidance: TrainingGuidance | None = None
+    guidance: TrainingGuidance | GuidanceAsInput | None = None
     target_clip: float | None = None
     interval_weight: PerRowWeight | None = None
     velocity_weight: PerRowWeight | None = None

@@ -15,6 +15,7 @@ from examples.digits.model import DiT
 from examples.digits.train import DigitsConfig, _parser, config_from_argv, main, run
 
 
+@pytest.mark.slow
 def test_data_split_is_stratified_scaled_and_fixed():
     d = load_digits()
     assert d.x_train.shape[1:] == (1, 8, 8) and d.x_train.shape[0] + d.x_test.shape[0] == 1797
@@ -63,6 +64,7 @@ def test_classifier_shapes_and_accuracy_helper():
     assert 0.0 <= acc <= 1.0 and len(per_class) == 10
 
 
+@pytest.mark.slow
 def test_example_end_to_end(tmp_path, capsys):
     out = tmp_path / "digits"
     rec = main(
@@ -100,6 +102,7 @@ def test_example_end_to_end(tmp_path, capsys):
     assert (out / "samples.png").stat().st_size > 0 and (out / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow
 def test_fm_baseline_can_be_skipped(tmp_path):
     rec = run(
         DigitsConfig(

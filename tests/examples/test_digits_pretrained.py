@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
+import pytest
 import torch
 
 import meanflow_losses as mfl
@@ -40,6 +42,7 @@ def test_train_generator_starts_from_init_and_passes_teacher_and_noise(monkeypat
     assert not all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), init.values(), strict=True))
 
 
+@pytest.mark.slow
 def test_pretrained_study_runs_every_path_and_writes_its_table(tmp_path):
     per_seed = [pretrained.run_seed(replace(TINY, seed=s), 2, 2) for s in (0, 1)]
     for rec in per_seed:
@@ -52,3 +55,11 @@ def test_pretrained_study_runs_every_path_and_writes_its_table(tmp_path):
     for label in (pretrained.FM_LABEL, *pretrained.PATHS):
         assert f"| {label} |" in text
     assert "4 generated digits per class" in text and "lower on" in text
+    assert "figures/digits_pretrained.png" in text and (tmp_path / "figures" / "digits_pretrained.png").is_file()
+    record = json.loads((tmp_path / "digits_pretrained.json").read_text())
+    assert record["seeds"] == [0, 1] and len(record["runs"]) == 2
+    for run, rec in zip(record["runs"], per_seed, strict=True):  # every figure of the table, without the images
+        assert run["MeanFlow reflow"]["1"]["frechet"] == rec["MeanFlow reflow"]["1"]["frechet"]
+        assert "grid" not in run["MeanFlow reflow"]
+    for label in (pretrained.FM_LABEL, *pretrained.PATHS):  # the figure's digits: 10 classes x min(8, per_class)
+        assert per_seed[0][label]["grid"].shape == (10 * TINY.per_class, 1, 8, 8)

@@ -18,6 +18,7 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "imagenet_dit"
 
 PAPER_CONFIGS = [
     "meanflow_b2",
+    "imf_b2",
     "alphaflow_b2",
     "alphaflow_b2_cfg",
     "alphaflow_xl2",
@@ -65,6 +66,7 @@ def test_published_numbers():
     assert fid["alphaflow_xl2"] == (2.95, 2.34)
     assert fid["alphaflow_xl2plus"] == (2.58, 2.15)
     assert fid["kim_meanflow_xl2"] == (2.87, 2.64)
+    assert fid["imf_b2"][0] == 3.39
     assert load_config("alphaflow_xl2plus").data.global_batch == 1024
 
 

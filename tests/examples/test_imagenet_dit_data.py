@@ -48,6 +48,7 @@ def test_adm_center_crop():
     assert big.shape == (32, 32, 3) and (big == 7).all()
 
 
+@pytest.mark.slow
 def test_prepare_writes_posterior_with_flips_and_labels(tmp_path, images, vae):
     m = prep(images, tmp_path / "lat", vae)
     assert m["num_images"] == 10 and m["num_shards"] == 3 and m["latent_shape"] == [4, 8, 8]

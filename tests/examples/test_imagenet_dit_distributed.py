@@ -171,6 +171,7 @@ def two_process_updates(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 @pytest.mark.parametrize("name", ["flow_matching", "meanflow", "alphaflow"])
 def test_two_processes_update_like_one_process_on_the_whole_batch(name, strategy, two_process_updates):
@@ -189,6 +190,7 @@ def test_two_processes_update_like_one_process_on_the_whole_batch(name, strategy
     assert (flat(half) - flat(grads)).abs().max() > 1e-3 * flat(grads).abs().max()
 
 
+@pytest.mark.slow
 def test_end_to_end_prepare_train_sample_fid(tmp_path):
     """Synthetic ImageFolder -> tiny-VAE latents -> 2-process Gloo training -> 2-process sampling -> FID."""
     paths = build_tiny_latents(tmp_path)
@@ -297,6 +299,7 @@ def test_end_to_end_prepare_train_sample_fid(tmp_path):
     assert sample.compute_fid(ref, ref, feature=TinyFeatures()) == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_a_corrupt_row_on_one_rank_stops_every_rank(tmp_path):
     """A NaN row that only rank 1 reads, first at step 3: both ranks exit with an error naming shard and row."""
     paths = build_tiny_latents(tmp_path, per_class=16)  # 32 images in shards of 6: 4 steps per epoch

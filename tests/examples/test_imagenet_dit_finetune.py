@@ -208,6 +208,7 @@ def read_log(run_dir):
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_finetune_config_two_processes_from_the_fm_run(fm_run, latents, tmp_path):
     run_dir = tmp_path / "ft"
     args = ["--config", "meanflow_finetune_b2", "--data", str(latents), "--run-dir", str(run_dir), "--device", "cpu"]
@@ -225,6 +226,7 @@ def test_finetune_config_two_processes_from_the_fm_run(fm_run, latents, tmp_path
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in read_log(run_dir) if "loss" in r)
 
 
+@pytest.mark.slow
 def test_distill_config_two_processes_with_a_guided_teacher(fm_run, latents, tmp_path):
     run_dir = tmp_path / "distill"
     args = ["--config", "meanflow_distill_b2", "--data", str(latents), "--run-dir", str(run_dir), "--device", "cpu"]

@@ -98,6 +98,7 @@ def test_sigterm_saves_and_the_resumed_run_is_identical(latents, tmp_path, strai
     assert_same_state(final_state(tmp_path), straight["meanflow_b2"])
 
 
+@pytest.mark.slow
 def test_crash_while_saving_leaves_the_previous_checkpoint_usable(latents, tmp_path, straight, monkeypatch):
     original = dit_runtime.write_checkpoint_file
     calls = []
@@ -191,6 +192,7 @@ def all_finite(state):
     return all(torch.isfinite(v).all() for key in ("model", "ema") for v in state[key].values())
 
 
+@pytest.mark.slow
 def test_inf_in_the_weights_keeps_the_last_finite_checkpoint_and_resume_works(latents, tmp_path, straight, monkeypatch):
     original = train.Trainer.optimizer_step
 

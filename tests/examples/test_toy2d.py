@@ -94,6 +94,7 @@ def test_every_method_trains_end_to_end(method, tmp_path):
     assert (tmp_path / method / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow
 def test_cli_meanflow_with_ema_schedule_figures_and_conflict(tmp_path, capsys):
     out = tmp_path / "run"
     rec = main(
@@ -713,6 +714,7 @@ def _same_run(a_dir, b_dir, a, b) -> None:
         ("alphaflow", dict(alpha_end=0.5, lr_schedule="linear", lr_final=0.1)),  # alpha depends on the step
     ],
 )
+@pytest.mark.slow
 def test_resume_continues_exactly_like_the_uninterrupted_run(tmp_path, monkeypatch, method, extra):
     opts = {**TINY, "steps": 6, "checkpoint_every": 3, "figures": False, **extra}
     straight = train(TrainConfig(method=method, out=str(tmp_path / "a"), **opts))

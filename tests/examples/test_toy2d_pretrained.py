@@ -114,6 +114,7 @@ def test_pretrained_options_are_checked(fm_checkpoint, tmp_path, capsys):
     assert "--reflow-pool" in err and "--coupling reflow" in err
 
 
+@pytest.mark.slow
 def test_pretrained_study_writes_its_table_and_figure(tmp_path):
     base = TrainConfig(**{**TINY, "eval_steps": (1, 2, 3)}, reflow_pool=256, reflow_steps=4)
     result = run_pretrained_study([0, 1], 3, 2, base, tmp_path / "runs", tmp_path, jobs=1, command="test")
