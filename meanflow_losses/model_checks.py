@@ -137,7 +137,11 @@ def _norm(x: Tensor) -> float:
 
 
 def _rel(a: Tensor, b: Tensor) -> float:
-    den = max(_norm(a), _norm(b))
+    """Relative difference ``|a - b| / max(|a|, |b|)``; NaN when either is not finite (never a false agreement)."""
+    na, nb = _norm(a), _norm(b)
+    if not (math.isfinite(na) and math.isfinite(nb)):
+        return math.nan
+    den = max(na, nb)
     return _norm(a - b) / den if den > 0 else 0.0
 
 
