@@ -40,7 +40,7 @@ import meanflow_losses as mfl
 from examples.cli import HelpFormatter, Range
 from examples.digits.classifier import accuracy, frechet_distance, train_classifier
 from examples.digits.data import NUM_CLASSES, load_digits
-from examples.digits.train import DigitsConfig, NullLabel, _train_generator, generate
+from examples.digits.train import DigitsConfig, NullLabel, _train_generator, draw_digits, generate
 
 __all__ = ["PATHS", "main", "run_seed", "save_figure", "write_report"]
 
@@ -243,20 +243,9 @@ def save_figure(per_seed: list[dict[str, Any]], seeds: list[int], path: Path) ->
     ax.set_title(f"seeds {', '.join(map(str, seeds))}", fontsize=9)
     ax.legend(fontsize=7)
     for ax, label in zip(axes[1:], runs, strict=True):
-        x = per_seed[0][label]["grid"]
-        k = x.shape[0] // NUM_CLASSES
-        imgs = torch.nn.functional.pad(x.view(NUM_CLASSES, k, 8, 8), (1, 1, 1, 1), value=-1.0)
-        ax.imshow(
-            imgs.permute(0, 2, 1, 3).reshape(NUM_CLASSES * 10, k * 10).numpy(),
-            cmap="gray_r",
-            vmin=-1,
-            vmax=1,
-            interpolation="nearest",
-        )
         steps = f"{n_fm} steps" if label == FM_LABEL else "1 step"
-        ax.set_title(f"{label.replace('MeanFlow ', 'MF ')}\n({steps}, seed {seeds[0]})", fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        title = f"{label.replace('MeanFlow ', 'MF ')}\n({steps}, seed {seeds[0]})"
+        draw_digits(ax, per_seed[0][label]["grid"], title, fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")

@@ -216,6 +216,17 @@ def generate(
     return x.clamp(-1, 1), y
 
 
+def draw_digits(ax: Any, x: torch.Tensor, title: str, per_row: int = 10, fontsize: float = 9) -> None:
+    """Draw ``x`` (``(10 * k, 1, 8, 8)`` in ``[-1, 1]``, ordered by class) on ``ax``: one row of digits per class."""
+    k = x.shape[0] // NUM_CLASSES
+    imgs = torch.nn.functional.pad(x.view(NUM_CLASSES, k, 8, 8)[:, :per_row], (1, 1, 1, 1), value=-1.0)
+    grid = imgs.permute(0, 2, 1, 3).reshape(NUM_CLASSES * 10, imgs.shape[1] * 10)
+    ax.imshow(grid.numpy(), cmap="gray_r", vmin=-1, vmax=1, interpolation="nearest")
+    ax.set_title(title, fontsize=fontsize)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
 def save_grid(sets: dict[str, torch.Tensor], path: Path, per_row: int = 10) -> None:
     """One panel per labelled set (``(10 * k, 1, 8, 8)`` ordered by class): a 10 x ``per_row`` grid of digits."""
     import matplotlib
@@ -225,13 +236,7 @@ def save_grid(sets: dict[str, torch.Tensor], path: Path, per_row: int = 10) -> N
 
     fig, axes = plt.subplots(1, len(sets), figsize=(3.4 * len(sets), 3.7), squeeze=False)
     for ax, (label, x) in zip(axes[0], sets.items(), strict=True):
-        k = x.shape[0] // NUM_CLASSES
-        imgs = torch.nn.functional.pad(x.view(NUM_CLASSES, k, 8, 8)[:, :per_row], (1, 1, 1, 1), value=-1.0)
-        grid = imgs.permute(0, 2, 1, 3).reshape(NUM_CLASSES * 10, imgs.shape[1] * 10)
-        ax.imshow(grid.numpy(), cmap="gray_r", vmin=-1, vmax=1, interpolation="nearest")
-        ax.set_title(label, fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        draw_digits(ax, x, label, per_row)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")

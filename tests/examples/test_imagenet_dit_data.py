@@ -12,14 +12,7 @@ from examples.imagenet_dit.dit_smoke import make_image_folder, make_tiny_vae
 from examples.imagenet_dit.latent_data import EpochBatches, LatentDataError, LatentShards
 from examples.imagenet_dit.prepare_latents import center_crop_adm, encode, prepare_latents, scan_image_folder
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and the CI machine's two cores are shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

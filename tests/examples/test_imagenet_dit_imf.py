@@ -9,13 +9,7 @@ from examples.imagenet_dit.dit import GUIDANCE_INPUTS, build_dit, guidance_kwarg
 from examples.imagenet_dit.dit_config import ConfigError, build_objective, load_config
 from examples.imagenet_dit.dit_smoke import TINY_OVERRIDES, build_tiny_latents
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_imf_config_is_the_official_recipe():

@@ -6,14 +6,7 @@ import torch
 import meanflow_losses as mfl
 from examples.imagenet_dit.dit import DIT_SIZES, DiT, build_dit, make_dit_config
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and the CI machine's two cores are shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**kw):

@@ -15,14 +15,7 @@ from examples.imagenet_dit.dit_runtime import CKPT_FORMAT
 from examples.imagenet_dit.dit_smoke import TINY_OVERRIDES, build_tiny_latents
 from examples.imagenet_dit.latent_data import LatentDataError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and the CI machine's two cores are shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
