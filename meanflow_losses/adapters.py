@@ -37,7 +37,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
-from meanflow_losses._validate import check_model_output
+from meanflow_losses._validate import check_model_output, compiling
 from meanflow_losses.passes import PROTOCOL_HINT
 
 __all__ = [
@@ -293,6 +293,10 @@ def check_protocol(model: Any, name: str = "model") -> None:
     if inputs == "t":
         raise ValueError(f"{name} declares inputs (z, t); wrap it with meanflow_losses.adapters.from_velocity_net(net)")
     if inputs == "r_t" or isinstance(inner, _SharedNamesAdapter):
+        return
+    if compiling():
+        # the signature check is host-side introspection, done by the eager calls: traced, its verdict cache (a
+        # WeakKeyDictionary) would become a Dynamo guard on a dict whose keys the garbage collector may drop mid-trace
         return
     key = type(inner) if isinstance(inner, nn.Module) and not isinstance(model, functools.partial) else None
     if key is not None and key in _SIGNATURE_VERDICTS:

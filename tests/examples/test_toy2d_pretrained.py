@@ -12,19 +12,7 @@ from examples.cli import ConfigError
 from examples.toy2d import train as toy_train
 from examples.toy2d.pretrained import run_pretrained_study
 from examples.toy2d.train import ReflowPool, TrainConfig, load_network, load_teacher, main, train
-
-TINY = dict(
-    steps=3,
-    batch=64,
-    width=32,
-    depth=2,
-    emb_dim=8,
-    eval_points=256,
-    energy_points=128,
-    eval_steps=(1, 2),
-    progress=False,
-    log_every=1,
-)
+from tests.examples.test_toy2d import TINY
 
 
 @pytest.fixture(scope="module")
