@@ -50,6 +50,17 @@ DROP_ROWS = ("per_row", "first")
 INTERVAL_TESTS = ("inclusive", "strict")
 
 
+def _interval_mask(t: Tensor, lo: Tensor | float, hi: Tensor | float, test: str = "inclusive") -> Tensor:
+    """Rows whose ``t`` lies in the guidance interval, bool ``(B,)``.
+
+    ``lo <= t <= hi`` (``"inclusive"``) or ``lo < t < hi`` (``"strict"``); ``lo`` and ``hi`` are numbers or
+    per-row tensors ``(B,)``.
+    """
+    if test == "strict":
+        return (t > lo) & (t < hi)
+    return (t >= lo) & (t <= hi)
+
+
 @dataclass(frozen=True)
 class NullClass:
     """Picklable null condition for class labels: replaces ``model_kwargs[key]`` by ``num_classes``.
@@ -152,10 +163,7 @@ class TrainingGuidance:
 
     def in_interval(self, t: Tensor) -> Tensor:
         """Boolean mask of rows whose ``t`` lies in ``interval`` (closed or open, ``interval_test``), ``(B,)``."""
-        lo, hi = self.interval
-        if self.interval_test == "strict":
-            return (t > lo) & (t < hi)
-        return (t >= lo) & (t <= hi)
+        return _interval_mask(t, *self.interval, self.interval_test)
 
 
 @dataclass(frozen=True)
@@ -241,9 +249,7 @@ class GuidanceAsInput:
 
     def in_interval(self, t: Tensor, lo: Tensor | float = 0.0, hi: Tensor | float = 1.0) -> Tensor:
         """Rows whose ``t`` lies in ``[lo, hi]`` (closed or open, ``interval_test``), bool ``(B,)``."""
-        if self.interval_test == "strict":
-            return (t > lo) & (t < hi)
-        return (t >= lo) & (t <= hi)
+        return _interval_mask(t, lo, hi, self.interval_test)
 
     def draw_scale(self, batch: int, *, device: Any = None, generator: torch.Generator | None = None) -> Tensor:
         r"""Scales :math:`\omega \in [1, 1 + s_{max}]` with density :math:`\propto \omega^{-\beta}`, float32 ``(B,)``.
@@ -527,6 +533,4 @@ def _guidance_as_input(
         v_tilde = v_tilde.index_copy(0, ig, new)
         if tangent_rows is not None:
             tangent = torch.where(append_dims(ask, v_c), v_c, v_tilde)
-    elif tangent_rows is not None:
-        tangent = v_tilde
     return GuidanceResult(v_tilde, kwargs, drop_mask, guided, tangent)
