@@ -372,23 +372,13 @@ class TimePairSampler:
             t, r = torch.maximum(a, b), torch.minimum(a, b)
         else:
             t, r = a, torch.minimum(a, b)
-        if lo > 0 and self.curriculum is not None and self.curriculum.rows == "equal":
-            if self.equal_count == "coin" or self.equal_draw == "single":
-                raise ValueError(
-                    "DifficultyCurriculum(rows='equal') needs a fixed count of r = t rows that keep their pair's t: "
-                    "use equal_count='floor' or 'truncate' with equal_draw='pair', or rows='all'"
-                )
-            n_eq = self.num_equal(batch_size, step)
-            fresh = _draw_truncated(self.name, self.mean, self.std, lo, n_eq, generator, device)
-            eq_rows = torch.arange(batch_size, device=t.device)
-            if self.equal_rows == "random":
-                dev = generator.device if generator is not None else device
-                eq_rows = torch.randperm(batch_size, generator=generator, device=dev).to(t.device)
-            eq, interval = eq_rows[:n_eq], eq_rows[n_eq:].sort().values
-            t, r = t.clone(), r.clone()
-            t[eq] = fresh.to(t.device)
-            r[eq] = t[eq]
-            return TimePair(t=t.to(dtype), r=r.to(dtype), interval_rows=interval if self.static_rows else None)
+        # a curriculum on the r = t rows only: they take a fresh draw inside the stage (the pairs keep the full range)
+        fresh_equal = lo > 0 and self.curriculum is not None and self.curriculum.rows == "equal"
+        if fresh_equal and (self.equal_count == "coin" or self.equal_draw == "single"):
+            raise ValueError(
+                "DifficultyCurriculum(rows='equal') needs a fixed count of r = t rows that keep their pair's t: "
+                "use equal_count='floor' or 'truncate' with equal_draw='pair', or rows='all'"
+            )
         if self.equal_count == "coin":
             return self._coin_rows(t, r, step, generator, device, dtype, lo)
         n_eq = self.num_equal(batch_size, step)
@@ -403,7 +393,7 @@ class TimePairSampler:
                 eq = perm[:n_eq]
                 interval = perm[n_eq:].sort().values
             r = r.clone()
-            if self.equal_draw == "single":
+            if self.equal_draw == "single" or fresh_equal:
                 t = t.clone()
                 t[eq] = self._single(n_eq, lo, generator, device).to(t.device)
             r[eq] = t[eq]
