@@ -11,12 +11,15 @@ around every forward-mode pass; inside it, the calls of ANY user network are rou
   PyTorch's own ``F.multi_head_attention_forward`` calls.
 * ``F.group_norm``: its forward-AD formula views its input, which fails with "view size is not compatible with
   input tensor's size and stride" on the non-contiguous tensors attention blocks leave behind (diffusers'
-  ``UNet2DModel``). The input is made contiguous first (a no-op on contiguous tensors).
+  ``UNet2DModel``). The explicit rule of :mod:`meanflow_losses.tangent_rules` takes any layout (and where it does
+  not apply, the input is made contiguous before PyTorch's rule).
 * ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` fast paths (``_native_multi_head_attention``,
   ``_transformer_encoder_layer_fwd``) have no forward-AD formula: the fast path is switched off.
-* ``F.linear`` and the convolutions: PyTorch's forward-AD rule decomposes ``addmm`` (an extra addition and a weight
-  copy per call) and the convolution; the routes' explicit rules give the same numbers faster (an MLP's JVP 1.5x,
-  a 3x3 convolution's 1.4x on the CPU): speed routes.
+* Speed routes (:data:`meanflow_losses.tangent_rules.TANGENT_RULES`): arithmetic with a tangent-free operand (a
+  parameter, a constant), the normalisations with their affine parameters, ``F.linear`` and the convolutions,
+  and the common activations get explicit rules: the primal by the network's own call, the tangent from plain
+  tensors without autograd history. PyTorch's own rules take a slow zero-tensor path there (7x to 30x a plain
+  call on the CPU) or record the tangent on the autograd graph; the numbers are the same.
 * ``torch.compile``-d modules drop or refuse the tangent (compiled graphs hold ``out=`` kernels): compiled
   code runs eagerly inside the context (``torch.compiler.set_stance("force_eager")``), so a compiled model, or a
   model with compiled blocks, gets the exact du/dt of the eager network.
@@ -39,7 +42,8 @@ from torch.overrides import TorchFunctionMode
 
 from meanflow_losses._validate import compiling as _compiling
 from meanflow_losses.jvp_attention import DEFAULT_BLOCK, check_attention, sdpa_with_jvp
-from meanflow_losses.traced_jvp import CONV_ROUTES, TRACED_ROUTES
+from meanflow_losses.tangent_rules import TANGENT_RULES
+from meanflow_losses.traced_jvp import TRACED_ROUTES
 
 __all__ = ["ROUTES", "ForwardADRoutes", "eager_module", "forward_ad_context"]
 
@@ -54,70 +58,10 @@ def _math_sdpa() -> contextlib.AbstractContextManager[Any]:
     return sdpa_kernel(SDPBackend.MATH)
 
 
-class _Linear(torch.autograd.Function):
-    r"""``F.linear`` with an explicit forward-mode rule, :math:`\dot y = \dot x W^\top + x \dot W^\top + \dot b`.
-
-    PyTorch's own rule for ``addmm`` under forward AD goes through a decomposition (an extra addition and a copy of
-    the weight per call): this one is the bare matrix product, exactly the same numbers, about 1.5x faster for the
-    JVP of an MLP on the CPU. Its backward is the standard linear backward (the ``"joint"`` strategy needs it).
-    """
-
-    @staticmethod
-    def forward(x, w, b):
-        return F.linear(x, w, b)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, w, b = inputs
-        ctx.set_materialize_grads(False)
-        ctx.save_for_forward(x, w)
-        ctx.save_for_backward(x, w)
-        ctx.has_bias = b is not None
-
-    @staticmethod
-    def jvp(ctx, dx, dw, db):
-        x, w = ctx.saved_tensors
-        out = None if dx is None else F.linear(dx, w)
-        if dw is not None:
-            out = F.linear(x, dw) if out is None else out + F.linear(x, dw)
-        if db is not None:
-            out = db.expand(*x.shape[:-1], db.shape[-1]) if out is None else out + db
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        if g is None:
-            return None, None, None
-        x, w = ctx.saved_tensors
-        gx = g @ w if ctx.needs_input_grad[0] else None
-        gw = g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
-        gb = g.reshape(-1, g.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return gx, gw, gb
-
-
-def _route_linear(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    x = args[0] if args else kwargs["input"]
-    w = args[1] if len(args) > 1 else kwargs["weight"]
-    b = args[2] if len(args) > 2 else kwargs.get("bias")
-    return _Linear.apply(x, w, b)
-
-
-def _route_group_norm(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    if args:
-        args = (args[0].contiguous(), *args[1:])
-    else:
-        kwargs = {**kwargs, "input": kwargs["input"].contiguous()}
-    return func(*args, **kwargs)
-
-
 #: Function -> handler ``(func, args, kwargs) -> output`` applied inside :func:`forward_ad_context`.
 #: A routed call's own inner torch calls are not seen by the mode (PyTorch pops a mode while it handles a call), so
 #: switches that must reach nested calls (the SDPA backend, the MHA fast path, the compile stance) are global.
-ROUTES: dict[Callable[..., Any], Handler] = {
-    F.group_norm: _route_group_norm,
-    F.linear: _route_linear,
-    **CONV_ROUTES,
-}
+ROUTES: dict[Callable[..., Any], Handler] = dict(TANGENT_RULES)
 
 
 class ForwardADRoutes(TorchFunctionMode):

@@ -13,8 +13,11 @@ one forward-mode JVP of ``model(z, r, t)`` along the tangent :math:`(\dot z, \do
   works with DDP (JVP on the unwrapped module, the gradient forward through the wrapper) and with
   activation checkpointing. A stochastic network (dropout) draws its own masks in the JVP pass.
 * ``"joint"``: forward-mode AD with gradient through the primal output, so one call yields both ``u``
-  (differentiable) and ``du/dt`` with the SAME dropout masks. Records the tangent computation on the autograd
-  graph (more activation memory) and fails through DDP and checkpointing.
+  (differentiable) and ``du/dt`` with the SAME dropout masks, and the ``r != t`` rows' primal is computed once.
+  The routed operators (:mod:`meanflow_losses.tangent_rules`: linear layers, convolutions, normalisations, the
+  common activations and arithmetic) compute their tangents without autograd history; PyTorch's own rules for the
+  other operators record theirs on the autograd graph (more activation memory). Fails through DDP and
+  checkpointing.
 * ``"finite_difference"``: :math:`[u(z + a\tilde v, r, t + a) - u(z + b\tilde v, r, t + b)] / (a - b)`, two no-grad
   passes that draw the same dropout masks; central (:math:`a = \epsilon = -b`) wherever
   :math:`[t - \epsilon, t + \epsilon] \subset [r, 1]`, and shifted into the domain at its edges (so a network never

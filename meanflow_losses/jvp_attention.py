@@ -35,10 +35,18 @@ from collections.abc import Callable
 from typing import Any, Literal, overload
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["JVP_ATTENTION", "JVPAttention", "attention_jvp_blockwise", "flash_kernel", "sdpa_with_jvp"]
+__all__ = [
+    "JVP_ATTENTION",
+    "JVPAttention",
+    "attention_dual_blockwise",
+    "attention_jvp_blockwise",
+    "flash_kernel",
+    "sdpa_with_jvp",
+]
 
 JVPAttention = Literal["auto", "blockwise", "flash", "math"]
 JVP_ATTENTION: tuple[str, ...] = ("auto", "blockwise", "flash", "math")
@@ -129,22 +137,69 @@ def attention_jvp_blockwise(
     Returns:
         :math:`\dot O`, shape and dtype of ``out``. Computed in float32 at least.
     """
+    _, tangent = _blockwise(q, k, v, out, dq, dk, dv, attn_mask, is_causal, scale, enable_gqa, block)
+    return tangent
+
+
+def attention_dual_blockwise(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    dq: Tensor | None,
+    dk: Tensor | None,
+    dv: Tensor | None,
+    *,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    block: int = DEFAULT_BLOCK,
+) -> tuple[Tensor, Tensor]:
+    r"""Primal :math:`O = PV` and tangent :math:`\dot O` together, one block of queries at a time (no fused call).
+
+    The no-grad JVP's route: the block's :math:`P` that the tangent needs gives the primal for one more matrix
+    product, so the fused kernel's separate pass is saved. Arguments as :func:`attention_jvp_blockwise` (without
+    ``out``).
+
+    Returns:
+        ``(O, dO)``, shape ``(..., L, Ev)``, dtype of ``q``; the primal equals the fused kernel's to rounding.
+    """
+    return _blockwise(q, k, v, None, dq, dk, dv, attn_mask, is_causal, scale, enable_gqa, block)
+
+
+def _blockwise(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor | None,  # the fused kernel's primal, or None: computed here
+    dq: Tensor | None,
+    dk: Tensor | None,
+    dv: Tensor | None,
+    attn_mask: Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+    block: int,
+) -> tuple[Tensor, Tensor]:
+    """``(primal, tangent)``; the primal blocks are computed (``P V``) when ``out`` is ``None``."""
     L, S = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if enable_gqa:
         heads = q.shape[-3]
         k, v, dk, dv = _expand_gqa(k, heads), _expand_gqa(v, heads), _expand_gqa(dk, heads), _expand_gqa(dv, heads)
     cdtype = torch.promote_types(q.dtype, torch.float32)
-    # contiguous once: a transposed operand would be copied by every block's matmul
+    single = L <= block
+    # contiguous once (a permuted or transposed operand would be copied by every matmul that reads it)
+    q, dq = q.to(cdtype).contiguous(), (dq.to(cdtype).contiguous() if dq is not None else None)
     k_t = k.to(cdtype).transpose(-2, -1).contiguous()
     dk_t = dk.to(cdtype).transpose(-2, -1).contiguous() if dk is not None else None
     v_c = v.to(cdtype).contiguous()
     dv_c = dv.to(cdtype).contiguous() if dv is not None else None
-    pieces = []
+    pieces, primal = [], []
     cols = torch.arange(S, device=q.device)
     for start in range(0, L, block):
         stop = min(start + block, L)
-        qb = q[..., start:stop, :].to(cdtype)
+        qb = q[..., start:stop, :]
         s = (qb @ k_t) * scale
         mask = _mask_rows(attn_mask, start, stop, L)
         if mask is not None:
@@ -154,13 +209,18 @@ def attention_jvp_blockwise(
             s = s.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
         p = torch.softmax(s, dim=-1)
         del s
-        ds = None
+        ds = None  # scale (dq K^T + Q dK^T), one scaling
         if dq is not None:
-            ds = (dq[..., start:stop, :].to(cdtype) @ k_t) * scale
+            ds = dq[..., start:stop, :] @ k_t
         if dk_t is not None:
-            term = (qb @ dk_t) * scale
-            ds = term if ds is None else ds + term
-        ob = out[..., start:stop, :].to(cdtype)
+            ds = qb @ dk_t if ds is None else ds + qb @ dk_t
+        if ds is not None:
+            ds = ds * scale
+        if out is None:
+            ob = p @ v_c
+            primal.append(ob)
+        else:
+            ob = out[..., start:stop, :].to(cdtype)
         tangent = torch.zeros_like(ob) if dv_c is None else p @ dv_c
         if ds is not None:
             pds = p * ds
@@ -168,7 +228,9 @@ def attention_jvp_blockwise(
             tangent = tangent + pds @ v_c - pds.sum(dim=-1, keepdim=True) * ob
             del pds
         pieces.append(tangent)
-    return torch.cat(pieces, dim=-2).to(out.dtype)
+    if out is None:
+        out = (primal[0] if single else torch.cat(primal, dim=-2)).to(q.dtype)
+    return out, (pieces[0] if single else torch.cat(pieces, dim=-2)).to(out.dtype)
 
 
 class _BlockwiseAttention(torch.autograd.Function):
@@ -193,10 +255,11 @@ class _BlockwiseAttention(torch.autograd.Function):
     def jvp(ctx, dq, dk, dv, *_):
         q, k, v, out = ctx.saved_tensors
         is_causal, scale, enable_gqa, block = ctx.opts
-        return attention_jvp_blockwise(
-            q, k, v, out, dq, dk, dv,
-            attn_mask=ctx.attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, block=block,
-        )  # fmt: skip
+        with torch.no_grad():  # the tangent carries no autograd history (du/dt enters the target detached)
+            return attention_jvp_blockwise(
+                q, k, v, out, dq, dk, dv,
+                attn_mask=ctx.attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, block=block,
+            )  # fmt: skip
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -278,6 +341,14 @@ def sdpa_with_jvp(
         elif attention == "flash":
             why = "is not installed" if mod is None else "does not support this call (CUDA, 4-D, L = S, equal heads)"
             _warn_once(f"jvp_attention='flash': jvp-flash-attention {why}; using the blockwise JVP")
+    if not torch.is_grad_enabled():  # the no-grad JVP: primal and tangent from the same blocks, no fused pass
+        (qp, dq), (kp, dk), (vp, dv) = (fwAD.unpack_dual(x) for x in (q, k, v))
+        if dq is not None or dk is not None or dv is not None:
+            out, tangent = attention_dual_blockwise(
+                qp, kp, vp, dq, dk, dv,
+                attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, block=int(block),
+            )  # fmt: skip
+            return fwAD.make_dual(out, tangent)
     return _BlockwiseAttention.apply(q, k, v, attn_mask, is_causal, scale, enable_gqa, int(block))
 
 

@@ -23,3 +23,11 @@ def test_gpu_suite_runs_tiny_on_the_cpu(tmp_path):
     assert res["fused_attention"]["ok"]  # the gradient forward keeps the fused (flash-for-CPU) kernel
     assert set(res["throughput"]["eager"]) - {"_warmup_s"} == set(gpu_suite._methods())
     assert (tmp_path / "suite.json").exists()
+
+
+def test_tangent_rules_benchmark_runs_tiny(tmp_path):
+    from benchmarks import tangent_rules
+
+    res = tangent_rules.main(["--tiny", "--json", str(tmp_path / "rules.json")])
+    assert "layer_norm affine" in res and set(res["x - y"]) == {"pytorch", "routed", "plain_ms"}
+    assert (tmp_path / "rules.json").exists()

@@ -62,6 +62,33 @@ def test_blockwise_jvp_equals_forward_ad_through_the_math_backend(case, dtype, t
     assert rel(routed, ref) < tol and rel(primal, primal_ref) < tol
 
 
+@pytest.mark.parametrize("block", [1, 7, 256])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-6), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_dual_blockwise_primal_and_tangent_equal_the_math_backend(case, dtype, tol, block):
+    """The no-grad route computes the primal from the blocks' own P (no fused pass): both equal math."""
+    kw, kv_heads, S = CASES[case]
+    g = torch.Generator().manual_seed(2)
+    # permuted views, as a qkv projection leaves them
+    q = torch.randn(2, 40, 4, 8, generator=g, dtype=dtype).transpose(1, 2)
+    k = torch.randn(2, S, kv_heads, 8, generator=g, dtype=dtype).transpose(1, 2)
+    v = torch.randn(2, S, kv_heads, 6, generator=g, dtype=dtype).transpose(1, 2)
+    kw = dict(kw)
+    if kw.get("attn_mask") == "bool":
+        kw["attn_mask"] = torch.rand(40, S, generator=g) > 0.3
+    elif kw.get("attn_mask") == "float":
+        kw["attn_mask"] = torch.randn(2, 1, 40, S, generator=g, dtype=dtype)
+    dq, dk, dv = (torch.randn(x.shape, generator=g, dtype=dtype) for x in (q, k, v))
+    primal_ref, ref = jvp_of_sdpa("math", q, k, v, dq, dk, dv, **kw)
+    primal, got = ja.attention_dual_blockwise(q, k, v, dq, dk, dv, block=block, **kw)
+    assert rel(got, ref) < tol and rel(primal, primal_ref) < tol
+    assert primal.dtype == got.dtype == dtype
+    with torch.no_grad(), fwAD.dual_level(), forward_ad_context("blockwise", block=block):
+        duals = [fwAD.make_dual(a, b) for a, b in ((q, dq), (k, dk), (v, dv))]
+        routed = fwAD.unpack_dual(F.scaled_dot_product_attention(*duals, **kw))
+    assert rel(routed.tangent, ref) < tol and rel(routed.primal, primal_ref) < tol
+
+
 def test_missing_tangents_count_as_zero():
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 2, 16, 8, generator=g) for _ in range(3))
