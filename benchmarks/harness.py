@@ -7,7 +7,8 @@
 
 A step is zero_grad, loss, backward and an Adam step on the same network and batch. Methods of one network run
 interleaved (every round runs each method once); the ratio reported is the median over rounds of (method step /
-FM step of that round), so a drifting shared machine hits both alike. "compiled" means ``torch.compile(net)``
+FM step of that round), so a drifting shared machine hits both alike; (IQR) is the interquartile range of those
+per-round ratios, the spread a reader should allow. "compiled" means ``torch.compile(net)``
 with the loss in eager code (the engine then compiles its JVP region too); its ratios are against the compiled FM
 step. Memory: on every device the bytes saved for backward by one loss evaluation ("act", the activation memory)
 and the peak bytes of the tensors one step creates ("peak", counted by a dispatch mode: the CPU has no allocator
@@ -160,7 +161,12 @@ def run_network(name: str, methods: list[str], compiled: bool, device: str, roun
     out = {}
     for m in methods:
         ratios = [a / b for a, b in zip(rows[m], rows["fm"], strict=True)]
-        rec = {"step_ms": 1e3 * statistics.median(rows[m]), "time_x_fm": statistics.median(ratios)}
+        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+        rec = {
+            "step_ms": 1e3 * statistics.median(rows[m]),
+            "time_x_fm": statistics.median(ratios),
+            "time_iqr": [q1, q3],
+        }
         if not compiled:
             rec["activation_bytes"] = activation_bytes(base, x, m, device)
             rec["peak_bytes"] = peak_bytes(steps[m], device)
@@ -214,14 +220,15 @@ def print_table(name: str, compiled: bool, res: dict) -> None:
     fm = res["fm"]
     kind = "compiled" if compiled else "eager"
     print(f"\n[{name}, {kind}]  FM step {fm['step_ms']:.1f} ms  (warm-up {res['_warmup_s']:.0f} s)")
-    head = f"{'method':<24}{'step ms':>10}{'time x FM':>11}"
+    head = f"{'method':<24}{'step ms':>10}{'time x FM':>11}{'(IQR)':>14}"
     if not compiled:
         head += f"{'act x FM':>10}{'peak x FM':>11}"
     print(head)
     for m, rec in res.items():
         if m.startswith("_"):
             continue
-        line = f"{m:<24}{rec['step_ms']:>10.1f}{rec['time_x_fm']:>11.3f}"
+        q1, q3 = rec["time_iqr"]
+        line = f"{m:<24}{rec['step_ms']:>10.1f}{rec['time_x_fm']:>11.3f}{f'({q1:.2f}-{q3:.2f})':>14}"
         if not compiled:
             line += f"{rec['act_x_fm']:>10.2f}{rec['peak_x_fm']:>11.2f}"
         print(line)

@@ -39,6 +39,7 @@ that wants to differentiate a JVP's tangent must not use the routes. The rules r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from numbers import Number
 from typing import Any
@@ -155,6 +156,14 @@ def _normalised(x: Tensor, dx: Tensor, dims: tuple[int, ...], eps: float) -> Ten
     return (dx - dx.mean(dims, keepdim=True) - xhat * (dx * xhat).mean(dims, keepdim=True)) * rstd
 
 
+def _normalised_from(xhat: Tensor, rstd: Tensor, dx: Tensor, dims: tuple[int, ...]) -> Tensor:
+    r"""Normalisation tangent :math:`(\dot x - \overline{\dot x} - \hat x\,\overline{\dot x \hat x}) / \sigma`.
+
+    ``xhat`` and ``rstd`` (:math:`1/\sigma`, broadcastable) come from a fused pass; means over ``dims``.
+    """
+    return (dx - dx.mean(dims, keepdim=True) - xhat * (dx * xhat).mean(dims, keepdim=True)) * rstd
+
+
 def _channel(p: Tensor, ndim: int) -> Tensor:
     return p.reshape(1, -1, *([1] * (ndim - 2)))
 
@@ -167,27 +176,33 @@ def _layer_norm(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[st
     names = ("input", "normalized_shape", "weight", "bias", "eps")
     x, shape, w, b, eps = _bind(names, {"weight": None, "bias": None, "eps": 1e-5}, args, kwargs)
     xp, dx = _split(x)
-    if dx is None or not _plain(w, b) or (w is None and b is None and not torch.is_grad_enabled()):
-        return func(*args, **kwargs)  # PyTorch's rule is fast without the affine parameters
-    out = F.layer_norm(xp, shape, w, b, eps)
-    with torch.no_grad():  # the normalisation's tangent by PyTorch's rule (no zero tensors without the affine)
-        tan = fwAD.unpack_dual(F.layer_norm(x, shape, None, None, eps)).tangent
+    if dx is None or not _plain(w, b):
+        return func(*args, **kwargs)
+    plain_out = w is None and b is None and not torch.is_grad_enabled()
+    out = None if plain_out else F.layer_norm(xp, shape, w, b, eps)
+    with torch.no_grad():  # x_hat and 1 / sigma from one fused pass
+        xhat, _, rstd = torch.native_layer_norm(xp, shape, None, None, eps)
+        tan = _normalised_from(xhat, rstd, dx.contiguous(), tuple(range(-len(shape), 0)))
         tan = tan if w is None else tan * w
-    return _pair(out, tan)
+    return _pair(xhat if out is None else out, tan)
 
 
 def _group_norm(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     names = ("input", "num_groups", "weight", "bias", "eps")
     x, groups, w, b, eps = _bind(names, {"weight": None, "bias": None, "eps": 1e-5}, args, kwargs)
     xp, dx = _split(x)
-    if dx is None or not _plain(w, b):
+    if dx is None or not _plain(w, b) or xp.ndim < 2:
         if isinstance(x, Tensor):  # PyTorch's rule views its input: make it contiguous first
             return func(x.contiguous(), groups, w, b, eps)
         return func(*args, **kwargs)
     out = F.group_norm(xp, groups, w, b, eps)
-    n = xp.shape[0]
-    with torch.no_grad():
-        tan = _normalised(xp.reshape(n, groups, -1), dx.reshape(n, groups, -1), (2,), eps).reshape(xp.shape)
+    n, c = xp.shape[:2]
+    with torch.no_grad():  # x_hat and 1 / sigma per group from one fused pass
+        xc = xp.contiguous()
+        xhat, _, rstd = torch.native_group_norm(xc, None, None, n, c, math.prod(xc.shape[2:]), groups, eps)
+        g = (n, groups, -1)
+        tan = _normalised_from(xhat.reshape(g), rstd.reshape(n, groups, 1), dx.contiguous().reshape(g), (2,))
+        tan = tan.reshape(xp.shape)
         tan = tan if w is None else tan * _channel(w, xp.ndim)
     return _pair(out, tan)
 
