@@ -93,6 +93,10 @@ def make_step(model, x: torch.Tensor, method: str, device: str) -> Callable[[], 
     return step
 
 
+#: The step clock: wall time (``time.perf_counter``) or this process's CPU time (``--clock cpu``).
+CLOCK: list[Callable[[], float]] = [time.perf_counter]
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -153,11 +157,11 @@ def run_network(name: str, methods: list[str], compiled: bool, device: str, roun
     for _ in range(rounds):
         for m in methods:
             _sync(device)
-            t1 = time.perf_counter()
+            t1 = CLOCK[0]()
             for _ in range(per_round):
                 steps[m]()
             _sync(device)
-            rows[m].append((time.perf_counter() - t1) / per_round)
+            rows[m].append((CLOCK[0]() - t1) / per_round)
     out = {}
     for m in methods:
         ratios = [a / b for a, b in zip(rows[m], rows["fm"], strict=True)]
@@ -247,10 +251,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tokens", type=int, default=4096, help="tokens of the attention section")
     p.add_argument("--tiny", action="store_true", help="tiny batches, one round: a smoke run for CI")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="time steps by the wall clock or by this process's CPU time (CPU only: immune to a "
+                   "virtual machine's stolen time; use with --threads 1)")  # fmt: skip
     a = p.parse_args(argv)
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
+    CLOCK[0] = time.process_time if a.clock == "cpu" else time.perf_counter
     methods = ["fm"] + [m for m in a.methods if m != "fm"]
     rounds, per, batch = (1, 1, 4) if a.tiny else (a.rounds, a.per_round, None)
-    print(f"torch {torch.__version__}, device {a.device}, threads {torch.get_num_threads()}, r != t share 25%")
+    print(
+        f"torch {torch.__version__}, device {a.device}, threads {torch.get_num_threads()}, clock {a.clock}, "
+        "r != t share 25%"
+    )
     modes = {"none": [False], "net": [True], "both": [False, True]}[a.compile]
     results: dict = {}
     for name in a.networks:

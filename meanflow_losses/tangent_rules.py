@@ -21,14 +21,14 @@ is one, is the network's own) and the tangent under ``torch.no_grad`` from plain
   (PyTorch's own formulas), a missing tangent left out of the sum instead of entering as a zero tensor;
 * ``F.linear`` and the convolutions with tangent-free weights: :math:`\dot y = \dot x W^\top` (the bare product;
   PyTorch's ``addmm`` rule adds a decomposition and a weight copy), ``conv(\dot x, W)``;
-* SiLU, GELU, sigmoid, tanh, ReLU, sin, cos, exp: PyTorch's own derivative kernels (``silu_backward`` ...) applied to
-  the tangent;
+* SiLU, GELU, sigmoid, tanh, ReLU, sin, cos, exp, with gradient enabled (``"joint"``): PyTorch's own derivative
+  kernels (``silu_backward`` ...) applied to the tangent, without the differentiable formulas PyTorch's rule records
+  (without gradient PyTorch's rule is as fast and is used);
 * LayerNorm, GroupNorm, RMSNorm and BatchNorm with tangent-free affine parameters (and running statistics):
   :math:`\dot{\hat x} = (\dot x - \overline{\dot x} - \hat x\,\overline{\dot x \hat x}) / \sigma` over the
   normalised axes (RMSNorm :math:`(\dot x - x\,\overline{x \dot x} / \rho^2) / \rho`, eval-mode BatchNorm
-  :math:`\dot x / \sigma`), times the weight; LayerNorm's normalisation tangent is PyTorch's own rule without the
-  affine parameters (fast there). Without affine parameters and without gradient, LayerNorm and RMSNorm go to
-  PyTorch's rule unchanged.
+  :math:`\dot x / \sigma`), times the weight, with :math:`\hat x` and :math:`1/\sigma` from one fused pass.
+  Without affine parameters and without gradient, LayerNorm and RMSNorm go to PyTorch's rule (fast there).
 
 Every other call (two duals where PyTorch's rule is fine, no dual, in-place forms, ``out=``, rounding division, a
 tangent on a weight) goes to PyTorch's own rule. Tangents made by these rules carry no autograd history: a caller
@@ -176,15 +176,14 @@ def _layer_norm(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[st
     names = ("input", "normalized_shape", "weight", "bias", "eps")
     x, shape, w, b, eps = _bind(names, {"weight": None, "bias": None, "eps": 1e-5}, args, kwargs)
     xp, dx = _split(x)
-    if dx is None or not _plain(w, b):
-        return func(*args, **kwargs)
-    plain_out = w is None and b is None and not torch.is_grad_enabled()
-    out = None if plain_out else F.layer_norm(xp, shape, w, b, eps)
+    if dx is None or not _plain(w, b) or (w is None and b is None and not torch.is_grad_enabled()):
+        return func(*args, **kwargs)  # without affine parameters and gradient PyTorch's rule is fast
+    out = F.layer_norm(xp, shape, w, b, eps)
     with torch.no_grad():  # x_hat and 1 / sigma from one fused pass
         xhat, _, rstd = torch.native_layer_norm(xp, shape, None, None, eps)
         tan = _normalised_from(xhat, rstd, dx.contiguous(), tuple(range(-len(shape), 0)))
         tan = tan if w is None else tan * w
-    return _pair(xhat if out is None else out, tan)
+    return _pair(out, tan)
 
 
 def _group_norm(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -292,7 +291,7 @@ def _unary(derivative: Callable[[Tensor, Tensor, Tensor], Tensor], flag: str | N
         if flag is not None and kwargs.get(flag):
             return func(*args, **kwargs)
         xp, dx = _split(args[0])
-        if dx is None:
+        if dx is None or not torch.is_grad_enabled():  # without gradient PyTorch's rule is as fast
             return func(*args, **kwargs)
         out = func(xp, **kwargs)
         with torch.no_grad():
@@ -305,8 +304,8 @@ def _unary(derivative: Callable[[Tensor, Tensor, Tensor], Tensor], flag: str | N
 def _gelu(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     x, approximate = _bind(("input", "approximate"), {"approximate": "none"}, args, kwargs)
     xp, dx = _split(x)
-    if dx is None or len(args) + len(kwargs) > 2:
-        return func(*args, **kwargs)
+    if dx is None or len(args) + len(kwargs) > 2 or not torch.is_grad_enabled():
+        return func(*args, **kwargs)  # without gradient PyTorch's rule is as fast
     out = F.gelu(xp, approximate=approximate)
     with torch.no_grad():
         tan = _aten.gelu_backward(dx, xp, approximate=approximate)

@@ -9,11 +9,12 @@ from benchmarks import gpu_suite, harness
 
 @pytest.mark.slow
 def test_harness_runs_every_network_and_method_tiny():
-    res = harness.main(["--tiny", "--compile", "none", "--attention"])
+    res = harness.main(["--tiny", "--compile", "none", "--attention", "--clock", "cpu"])
     assert set(res) == {*harness.NETWORKS, "attention"}
     for name in harness.NETWORKS:
         assert set(res[name]) - {"_warmup_s"} == set(harness.METHODS)
         assert res[name]["fm"]["time_x_fm"] == 1.0
+        assert res[name]["fm"]["time_iqr"] == [1.0, 1.0]
     assert res["attention"]["blockwise"]["rel_err"] < 1e-5
 
 

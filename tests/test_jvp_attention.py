@@ -39,21 +39,31 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("block", [1, 7, 256])
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-6), (torch.float64, 1e-10)])
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_blockwise_jvp_equals_forward_ad_through_the_math_backend(case, dtype, tol, block):
+def case_inputs(case, dtype, seed, permuted=False):
+    """``(q, k, v, dq, dk, dv, kw)`` of a CASES entry; ``permuted``: (B, L, H, E) views, as a qkv projection leaves."""
     kw, kv_heads, S = CASES[case]
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 4, 40, 8, generator=g, dtype=dtype)
-    k = torch.randn(2, kv_heads, S, 8, generator=g, dtype=dtype)
-    v = torch.randn(2, kv_heads, S, 6, generator=g, dtype=dtype)
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(b, n, h, e):
+        if permuted:
+            return torch.randn(b, n, h, e, generator=g, dtype=dtype).transpose(1, 2)
+        return torch.randn(b, h, n, e, generator=g, dtype=dtype)
+
+    q, k, v = draw(2, 40, 4, 8), draw(2, S, kv_heads, 8), draw(2, S, kv_heads, 6)
     kw = dict(kw)
     if kw.get("attn_mask") == "bool":
         kw["attn_mask"] = torch.rand(40, S, generator=g) > 0.3
     elif kw.get("attn_mask") == "float":
         kw["attn_mask"] = torch.randn(2, 1, 40, S, generator=g, dtype=dtype)
     dq, dk, dv = (torch.randn(x.shape, generator=g, dtype=dtype) for x in (q, k, v))
+    return q, k, v, dq, dk, dv, kw
+
+
+@pytest.mark.parametrize("block", [1, 7, 256])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-6), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_blockwise_jvp_equals_forward_ad_through_the_math_backend(case, dtype, tol, block):
+    q, k, v, dq, dk, dv, kw = case_inputs(case, dtype, seed=0)
     primal_ref, ref = jvp_of_sdpa("math", q, k, v, dq, dk, dv, **kw)
     out = F.scaled_dot_product_attention(q, k, v, **kw)
     got = ja.attention_jvp_blockwise(q, k, v, out, dq, dk, dv, block=block, **kw)
@@ -67,18 +77,7 @@ def test_blockwise_jvp_equals_forward_ad_through_the_math_backend(case, dtype, t
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_dual_blockwise_primal_and_tangent_equal_the_math_backend(case, dtype, tol, block):
     """The no-grad route computes the primal from the blocks' own P (no fused pass): both equal math."""
-    kw, kv_heads, S = CASES[case]
-    g = torch.Generator().manual_seed(2)
-    # permuted views, as a qkv projection leaves them
-    q = torch.randn(2, 40, 4, 8, generator=g, dtype=dtype).transpose(1, 2)
-    k = torch.randn(2, S, kv_heads, 8, generator=g, dtype=dtype).transpose(1, 2)
-    v = torch.randn(2, S, kv_heads, 6, generator=g, dtype=dtype).transpose(1, 2)
-    kw = dict(kw)
-    if kw.get("attn_mask") == "bool":
-        kw["attn_mask"] = torch.rand(40, S, generator=g) > 0.3
-    elif kw.get("attn_mask") == "float":
-        kw["attn_mask"] = torch.randn(2, 1, 40, S, generator=g, dtype=dtype)
-    dq, dk, dv = (torch.randn(x.shape, generator=g, dtype=dtype) for x in (q, k, v))
+    q, k, v, dq, dk, dv, kw = case_inputs(case, dtype, seed=2, permuted=True)
     primal_ref, ref = jvp_of_sdpa("math", q, k, v, dq, dk, dv, **kw)
     primal, got = ja.attention_dual_blockwise(q, k, v, dq, dk, dv, block=block, **kw)
     assert rel(got, ref) < tol and rel(primal, primal_ref) < tol
