@@ -18,7 +18,7 @@ around every forward-mode pass; inside it, the calls of ANY user network are rou
 * Speed routes (:data:`meanflow_losses.tangent_rules.TANGENT_RULES`): arithmetic with a tangent-free operand (a
   parameter, a constant), the normalisations with their affine parameters, ``F.linear`` and the convolutions,
   and the common activations get explicit rules: the primal by the network's own call, the tangent from plain
-  tensors without autograd history. PyTorch's own rules take a slow zero-tensor path there (7x to 30x a plain
+  tensors without autograd history. PyTorch's own rules take a slow zero-tensor path there (5x to 30x a plain
   call on the CPU) or record the tangent on the autograd graph; the numbers are the same.
 * ``torch.compile``-d modules drop or refuse the tangent (compiled graphs hold ``out=`` kernels): compiled
   code runs eagerly inside the context (``torch.compiler.set_stance("force_eager")``), so a compiled model, or a
