@@ -22,7 +22,8 @@ whole ``(L, S)`` attention matrix and its tangent. During a JVP the engine route
 * ``"math"``: the math backend, as PyTorch would need without routing (the reference of the tests).
 
 Attention dropout (``dropout_p > 0``) always uses the math backend: a fused kernel's dropout mask cannot be
-reproduced outside it.
+reproduced outside it. So does a mask that carries a tangent (one computed from ``z`` or ``t``): its tangent
+enters :math:`\dot S`. A query row whose keys are all masked gives 0 (primal and tangent), as PyTorch's kernels do.
 """
 
 from __future__ import annotations
@@ -208,6 +209,8 @@ def _blockwise(
             rows = torch.arange(start, stop, device=q.device)
             s = s.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
         p = torch.softmax(s, dim=-1)
+        if mask is not None or is_causal:  # a row with every key masked attends to nothing: 0, as PyTorch gives
+            p = p.masked_fill((s == float("-inf")).all(dim=-1, keepdim=True), 0.0)
         del s
         ds = None  # scale (dq K^T + Q dK^T), one scaling
         if dq is not None:
@@ -329,8 +332,11 @@ def sdpa_with_jvp(
     is_causal, scale = bool(bound.get("is_causal", False)), bound.get("scale")
     enable_gqa = bool(bound.get("enable_gqa", False))
     unknown = set(bound) - set(names)
-    if attention == "math" or float(bound.get("dropout_p", 0.0) or 0.0) > 0 or unknown:
-        return func(*args, **kwargs)  # the global math-backend switch of the JVP context applies
+    mask_tangent = isinstance(attn_mask, Tensor) and fwAD.unpack_dual(attn_mask).tangent is not None
+    if attention == "math" or float(bound.get("dropout_p", 0.0) or 0.0) > 0 or unknown or mask_tangent:
+        # the global math-backend switch of the JVP context applies; a mask that depends on z or t (its tangent
+        # enters dS) is differentiated by PyTorch's own rule there
+        return func(*args, **kwargs)
     if attention in ("auto", "flash"):
         mod = flash_kernel()
         if mod is not None and _flash_supported(q, k, v, attn_mask, enable_gqa):

@@ -22,9 +22,10 @@ is one, is the network's own) and the tangent under ``torch.no_grad`` from plain
   (PyTorch's own formulas), a missing tangent left out of the sum instead of entering as a zero tensor;
 * ``F.linear`` and the convolutions with tangent-free weights: :math:`\dot y = \dot x W^\top` (the bare product;
   PyTorch's ``addmm`` rule adds a decomposition and a weight copy), ``conv(\dot x, W)``;
-* SiLU, GELU, sigmoid, tanh, ReLU, sin, cos, exp, with gradient enabled (``"joint"``): PyTorch's own derivative
-  kernels (``silu_backward`` ...) applied to the tangent, without the differentiable formulas PyTorch's rule records
-  (without gradient PyTorch's rule is as fast and is used);
+* SiLU, GELU, sigmoid, tanh, ReLU, sin, cos, exp of real tensors with gradient enabled (``"joint"``): PyTorch's own
+  derivative kernels (``silu_backward`` ...) applied to the tangent, without the differentiable formulas PyTorch's
+  rule records (without gradient PyTorch's rule is as fast and is used; complex inputs keep PyTorch's rule, whose
+  kernels conjugate);
 * LayerNorm, GroupNorm, RMSNorm and BatchNorm with tangent-free affine parameters (and running statistics):
   :math:`\dot{\hat x} = (\dot x - \overline{\dot x} - \hat x\,\overline{\dot x \hat x}) / \sigma` over the
   normalised axes (RMSNorm :math:`(\dot x - x\,\overline{x \dot x} / \rho^2) / \rho`, eval-mode BatchNorm
@@ -230,15 +231,19 @@ def _rms_norm(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
     xp, dx = _split(x)
     if dx is None or not _plain(w) or (w is None and not torch.is_grad_enabled()):
         return func(*args, **kwargs)  # PyTorch's rule is fast without the weight
-    shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    out = func(xp, shape, w, eps)
-    dims = tuple(range(-len(shape), 0))
-    e = torch.finfo(xp.dtype).eps if eps is None else eps
-    with torch.no_grad():
-        rstd = torch.rsqrt(xp.square().mean(dims, keepdim=True) + e)
-        tan = (dx - xp * (rstd * rstd) * (xp * dx).mean(dims, keepdim=True)) * rstd
+    out = func(xp, shape, w, eps)  # the network's own call (and its errors, e.g. an int normalized_shape)
+    dims = tuple(range(-len(tuple(shape)), 0))
+    with torch.no_grad():  # in float32 at least, with that type's eps by default, as PyTorch's own kernel
+        xf, df = _upcast(xp), _upcast(dx)
+        e = torch.finfo(xf.dtype).eps if eps is None else eps
+        rstd = torch.rsqrt(xf.square().mean(dims, keepdim=True) + e)
+        tan = (df - xf * (rstd * rstd) * (xf * df).mean(dims, keepdim=True)) * rstd
         tan = tan if w is None else tan * w
     return _pair(out, tan)
+
+
+def _upcast(x: Tensor) -> Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _linear(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -292,7 +297,7 @@ def _unary(derivative: Callable[[Tensor, Tensor, Tensor], Tensor], flag: str | N
         if flag is not None and kwargs.get(flag):
             return func(*args, **kwargs)
         xp, dx = _split(args[0])
-        if dx is None or not torch.is_grad_enabled():  # without gradient PyTorch's rule is as fast
+        if dx is None or not torch.is_grad_enabled() or xp.is_complex():  # no-grad: PyTorch's rule is as fast
             return func(*args, **kwargs)
         out = func(xp, **kwargs)
         with torch.no_grad():

@@ -194,7 +194,10 @@ def _attention_primal(
         rows = torch.arange(q.shape[-2], device=q.device)
         cols = torch.arange(k.shape[-2], device=q.device)
         s = s.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
-    return torch.softmax(s, dim=-1) @ v
+    p = torch.softmax(s, dim=-1)
+    if mask is not None or is_causal:  # a row with every key masked attends to nothing: 0, as PyTorch gives
+        p = p.masked_fill((s == float("-inf")).all(dim=-1, keepdim=True), 0.0)
+    return p @ v
 
 
 class _Attention(torch.autograd.Function):
@@ -210,7 +213,13 @@ class _Attention(torch.autograd.Function):
         ctx.mask, ctx.opts = mask, (is_causal, scale, enable_gqa)
 
     @staticmethod
-    def jvp(ctx, dq, dk, dv, *_):
+    def jvp(ctx, dq, dk, dv, dmask, *_):
+        if dmask is not None:
+            raise NotImplementedError(
+                "an attention mask computed from z or t (it carries a tangent) inside a torch.compile-d JVP is not "
+                "supported: compute the mask from the conditioning only, or run the JVP eagerly (an eager network "
+                "or a compiled one called outside a compiled step)"
+            )
         q, k, v, out = ctx.saved_tensors
         is_causal, scale, enable_gqa = ctx.opts
         return attention_jvp_blockwise(

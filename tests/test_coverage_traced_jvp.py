@@ -129,3 +129,21 @@ def test_attention_with_grouped_query_heads_and_a_mask():
         assert out.shape == (2, 4, 5, 8)
         torch.testing.assert_close(out, ref_out)
         torch.testing.assert_close(tan, ref_tan)
+
+
+def test_traced_attention_refuses_a_mask_with_a_tangent():
+    g = _g(7)
+    q, m, dm = _rand(1, 2, 4, 3, g=g), _rand(4, 4, g=g), _rand(4, 4, g=g)
+    attention = _route(F.scaled_dot_product_attention)
+    with pytest.raises(NotImplementedError, match="attention mask computed from z or t"):
+        jvp(lambda m_: attention(q, q, q, attn_mask=m_), (m,), (dm,))
+
+
+def test_traced_attention_fully_masked_row_is_zero():
+    g = _g(8)
+    q, dq = _rand(1, 2, 4, 3, g=g), _rand(1, 2, 4, 3, g=g)
+    keep = torch.ones(4, 4, dtype=torch.bool)
+    keep[2] = False
+    out, tan = jvp(lambda q_: _route(F.scaled_dot_product_attention)(q_, q, q, attn_mask=keep), (q,), (dq,))
+    assert torch.isfinite(out).all() and torch.isfinite(tan).all()
+    assert not out[..., 2, :].any() and not tan[..., 2, :].any()

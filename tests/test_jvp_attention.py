@@ -203,3 +203,44 @@ def test_flash_not_installed_warns_and_uses_blockwise(monkeypatch):
         _, got = jvp_of_sdpa("flash", q, q, q, q, q, q)
     _, ref = jvp_of_sdpa("math", q, q, q, q, q, q)
     assert rel(got, ref) < 1e-6
+
+
+@pytest.mark.parametrize("strategy", ["nograd", "joint"])
+def test_mask_that_depends_on_t_is_differentiated(strategy):
+    """An additive mask computed from t carries a tangent: it enters dS (PyTorch's own rule through math)."""
+    g = torch.Generator().manual_seed(3)
+    wq, wk, wv = (torch.randn(8, 8, generator=g, dtype=torch.float64) for _ in range(3))
+
+    def model(z, r, t):
+        bias = t[:, None, None] * torch.arange(z.shape[1], dtype=z.dtype)[None, None, :]
+        return F.scaled_dot_product_attention(z @ wq, z @ wk, z @ wv, attn_mask=bias)
+
+    z, tan = torch.randn(3, 6, 8, generator=g, dtype=torch.float64), torch.randn(3, 6, 8, dtype=torch.float64)
+    t, r = torch.tensor([0.9, 0.5, 0.7], dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        _, ref = torch.func.jvp(lambda z_, t_: model(z_, r, t_), (z, t), (tan, torch.ones_like(t)))
+    got = time_derivative(model, z, r, t, tan, strategy=strategy)
+    torch.testing.assert_close(got.dudt, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("mask", ["bool", "additive"])
+def test_fully_masked_query_row_gives_zero_like_pytorch(mask, grad):
+    g = torch.Generator().manual_seed(4)
+    q, k, v, dq, dk, dv = (torch.randn(1, 2, 5, 4, generator=g, dtype=torch.float64) for _ in range(6))
+    keep = torch.ones(5, 5, dtype=torch.bool)
+    keep[1] = False  # query row 1 sees no key
+    m = keep if mask == "bool" else torch.zeros(5, 5, dtype=torch.float64).masked_fill(~keep, float("-inf"))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with torch.set_grad_enabled(grad), fwAD.dual_level():
+        duals = [fwAD.make_dual(a, b) for a, b in ((q, dq), (k, dk), (v, dv))]
+        with sdpa_kernel(SDPBackend.MATH):  # PyTorch's own forward-mode rule
+            ref = fwAD.unpack_dual(F.scaled_dot_product_attention(*duals, attn_mask=m))
+        with forward_ad_context("blockwise"):
+            got = fwAD.unpack_dual(F.scaled_dot_product_attention(*duals, attn_mask=m))
+    assert torch.isfinite(got.tangent).all() and torch.isfinite(got.primal).all()
+    torch.testing.assert_close(got.primal, ref.primal, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.tangent, ref.tangent, rtol=1e-12, atol=1e-12)

@@ -134,6 +134,34 @@ def test_in_place_op_on_the_output_leaves_the_inputs_tangent_alone(op):
         assert torch.equal(fwAD.unpack_dual(x).tangent, dx)
 
 
+@pytest.mark.parametrize("op", [torch.sigmoid, torch.tanh, torch.exp, torch.sin], ids=lambda f: f.__name__)
+def test_complex_activations_keep_pytorchs_rule_under_grad(op):
+    """sigmoid_backward / tanh_backward conjugate for complex inputs: the rules apply to real tensors only."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, generator=g, dtype=torch.complex128)
+    dx = torch.randn(3, 4, generator=g, dtype=torch.complex128)
+    _, t_ref = dual_call(op, x, dx, routed=False, grad=True)
+    _, t = dual_call(op, x, dx, routed=True, grad=True)
+    torch.testing.assert_close(t, t_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_rms_norm_tangent_is_computed_in_float32(dtype):
+    g = torch.Generator().manual_seed(6)
+    x, dx = torch.randn(64, 32, generator=g), torch.randn(64, 32, generator=g)
+    w = torch.randn(32, generator=g)
+    _, exact = torch.func.jvp(lambda a: F.rms_norm(a, (32,), w.double()), (x.double(),), (dx.double(),))
+    _, t_ref = dual_call(lambda a: F.rms_norm(a, (32,), w.to(dtype)), x.to(dtype), dx.to(dtype), False, False)
+    _, t = dual_call(lambda a: F.rms_norm(a, (32,), w.to(dtype)), x.to(dtype), dx.to(dtype), True, False)
+    err, err_ref = (float((a.double() - exact).abs().max()) for a in (t, t_ref))
+    assert t.dtype == dtype and err <= 1.5 * err_ref, (err, err_ref)
+
+
+def test_rules_raise_pytorchs_own_errors():
+    with pytest.raises(TypeError):
+        dual_call(lambda a: F.rms_norm(a, 5, W5), X, torch.ones_like(X), routed=True, grad=False)
+
+
 def test_every_rule_is_an_eager_route():
     assert all(ROUTES[f] is h for f, h in TANGENT_RULES.items())
 
