@@ -19,6 +19,7 @@ its lines in the markdown file.
 
 from __future__ import annotations
 
+import gc
 import re
 import textwrap
 import warnings
@@ -222,6 +223,16 @@ def _ddp(stack: ExitStack) -> dict[str, Any]:
         stack.callback(dist.destroy_process_group)
     ns = _interval_net(stack)
     ddp_model = nn.parallel.DistributedDataParallel(mfl.adapters.from_interval_net(ns["net"]))
+
+    def release() -> None:
+        # Free the reducer (which holds the process group) while the group is still registered: if the snippet's
+        # namespace outlives destroy_process_group, the reducer's deallocation destroys the gloo group with the GIL
+        # held, and joining its worker threads can deadlock (seen once in CI).
+        for name in ("logger", "reducer", "process_group"):
+            ddp_model.__dict__.pop(name, None)
+        gc.collect()
+
+    stack.callback(release)  # runs before the destroy_process_group registered above (last in, first out)
     logged: list[dict[str, float]] = []
     return {**ns, "ddp_model": ddp_model, "log": logged.append}
 
