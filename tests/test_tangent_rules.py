@@ -162,6 +162,36 @@ def test_rules_raise_pytorchs_own_errors():
         dual_call(lambda a: F.rms_norm(a, 5, W5), X, torch.ones_like(X), routed=True, grad=False)
 
 
+def test_linear_rule_equals_pytorchs_rule_and_keeps_the_gradient():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 4, generator=g, dtype=F64)
+    dx = torch.randn(x.shape, generator=g, dtype=F64)
+    w = torch.randn(6, 4, generator=g, dtype=F64, requires_grad=True)
+    b = torch.randn(6, generator=g, dtype=F64, requires_grad=True)
+    for bias in (b, None):
+        (p_ref, t_ref), (p, t) = (
+            dual_call(lambda a, bias=bias: F.linear(a, w, bias), x, dx, routed, grad=True) for routed in (False, True)
+        )
+        torch.testing.assert_close(t, t_ref, rtol=1e-13, atol=1e-14)
+        torch.testing.assert_close(p, p_ref, rtol=1e-13, atol=1e-14)
+        # the "joint" strategy differentiates the primal: the rule's primal keeps the linear backward
+        params = [w] if bias is None else [w, b]
+        g_ref = torch.autograd.grad(p_ref.square().sum(), params)
+        g_got = torch.autograd.grad(p.square().sum(), params)
+        for a, c in zip(g_got, g_ref, strict=True):
+            torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-13)
+
+
+def test_group_norm_rule_takes_channels_last_inputs():
+    """PyTorch's own rule views its input and fails on channels_last (diffusers' UNet2DModel leaves such tensors)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 4, 4, generator=g, dtype=F64).contiguous(memory_format=torch.channels_last)
+    dx = torch.randn(x.shape, generator=g, dtype=F64)
+    _, t = dual_call(lambda a: F.group_norm(a, 4), x, dx, routed=True, grad=True)
+    ref = torch.func.jvp(lambda a: F.group_norm(a.contiguous(), 4), (x,), (dx,))[1]
+    torch.testing.assert_close(t, ref, rtol=1e-12, atol=1e-13)
+
+
 def test_every_rule_is_an_eager_route():
     assert all(ROUTES[f] is h for f, h in TANGENT_RULES.items())
 
