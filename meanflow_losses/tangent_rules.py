@@ -19,7 +19,8 @@ is one, is the network's own) and the tangent under ``torch.no_grad`` from plain
 
 * ``a + alpha b``, ``a - alpha b``, ``a b``, ``a / b`` (method, operator and reflected forms):
   :math:`\dot a + \alpha \dot b`, :math:`\dot a b + a \dot b`, :math:`(\dot a - \dot b\,(a / b)) / b`
-  (PyTorch's own formulas), a missing tangent left out of the sum instead of entering as a zero tensor;
+  (PyTorch's own formulas; the reflected ``b / a`` through ``(1/a) b`` as PyTorch composes it), a missing tangent
+  left out of the sum instead of entering as a zero tensor;
 * ``F.linear`` and the convolutions with tangent-free weights: :math:`\dot y = \dot x W^\top` (the bare product;
   PyTorch's ``addmm`` rule adds a decomposition and a weight copy), ``conv(\dot x, W)``;
 * SiLU, GELU, sigmoid, tanh, ReLU, sin, cos, exp of real tensors with gradient enabled (``"joint"``): PyTorch's own
@@ -108,6 +109,13 @@ def _binary_tangent(
     kind: str, ap: Any, at: Tensor | None, bp: Any, bt: Tensor | None, out: Tensor, alpha: Any
 ) -> Tensor:
     """The tangent of :func:`_binary`'s ``kind`` (``at`` or ``bt`` may be ``None``, not both)."""
+    if kind == "rdiv":  # Tensor.__rdiv__(a, b) is PyTorch's composition b * a.reciprocal(): its rules, in its dtypes
+        r = ap.reciprocal()
+        rt = None if at is None else -at * (r * r)
+        if rt is None:
+            assert bt is not None
+            return bt * r
+        return rt * bp if bt is None else bt * r + rt * bp
     if at is not None and bt is not None:  # two duals: PyTorch's formulas
         if kind == "add":
             return at + bt if alpha == 1 else at + bt * alpha
@@ -117,9 +125,7 @@ def _binary_tangent(
             return bt - at if alpha == 1 else bt - at * alpha
         if kind == "mul":
             return at * bp + ap * bt
-        if kind == "div":  # a / b
-            return (at - bt * out) / bp
-        return (bt - at * out) / ap  # rdiv: b / a
+        return (at - bt * out) / bp  # div: a / b
     if at is not None:  # the first operand carries the tangent
         if kind in ("add", "sub"):
             return at.clone()  # a fresh tangent: an in-place op on the output must not reach the input's
@@ -127,9 +133,7 @@ def _binary_tangent(
             return -at if alpha == 1 else at * (-alpha)
         if kind == "mul":
             return at * bp
-        if kind == "div":  # a / b
-            return at / bp
-        return -(at * out) / ap  # rdiv: b / a
+        return at / bp  # div: a / b
     assert bt is not None
     if kind == "add":
         return bt.clone() if alpha == 1 else bt * alpha
@@ -139,9 +143,7 @@ def _binary_tangent(
         return bt.clone()
     if kind == "mul":
         return ap * bt
-    if kind == "div":
-        return -(bt * out) / bp
-    return bt / ap
+    return -(bt * out) / bp  # div
 
 
 def _bind(names: tuple[str, ...], defaults: dict[str, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> list:
