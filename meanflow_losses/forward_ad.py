@@ -45,7 +45,7 @@ from meanflow_losses.jvp_attention import DEFAULT_BLOCK, check_attention, sdpa_w
 from meanflow_losses.tangent_rules import TANGENT_RULES
 from meanflow_losses.traced_jvp import TRACED_ROUTES
 
-__all__ = ["ROUTES", "ForwardADRoutes", "eager_module", "forward_ad_context"]
+__all__ = ["ROUTES", "ForwardADRoutes", "eager_module", "forward_ad_context", "no_mha_fastpath"]
 
 Handler = Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
 
@@ -123,7 +123,8 @@ def eager_module(model: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _no_mha_fastpath() -> Iterator[None]:
+def no_mha_fastpath() -> Iterator[None]:
+    """``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` without their fast path (no forward-mode formula)."""
     mha = getattr(torch.backends, "mha", None)
     if mha is None or not hasattr(mha, "set_fastpath_enabled"):  # pragma: no cover - old torch
         yield
@@ -140,17 +141,18 @@ def _no_mha_fastpath() -> Iterator[None]:
 def forward_ad_context(attention: str = "auto", block: int = DEFAULT_BLOCK) -> Iterator[None]:
     """Everything a forward-mode pass through an arbitrary network needs (see the module docstring).
 
-    Inside ``torch.compile``-d code only the routes of :mod:`meanflow_losses.traced_jvp` apply (explicit forward-mode
-    rules that the compiler can trace); the global switches are not needed there.
+    Inside ``torch.compile``-d code only the routes of :mod:`meanflow_losses.traced_jvp` apply (primitive forms of
+    the operators whose forward-mode formulas the compiler cannot trace), with the math SDPA backend for the
+    attention inside PyTorch's own modules; the caller of a compiled JVP region switches the MHA fast path off.
 
     Args:
         attention: How the network's SDPA calls are differentiated: ``"auto"``, ``"blockwise"``, ``"flash"`` or
             ``"math"`` (:mod:`meanflow_losses.jvp_attention`).
         block: Query rows per block of the blockwise attention JVP.
     """
-    if _compiling():
-        with ForwardADRoutes(attention, block, traced=True):
+    if _compiling():  # the math backend reaches the SDPA inside nn.MultiheadAttention (not seen by the mode)
+        with _math_sdpa(), ForwardADRoutes(attention, block, traced=True):
             yield
         return
-    with _eager_stance(), _no_mha_fastpath(), _math_sdpa(), ForwardADRoutes(attention, block):
+    with _eager_stance(), no_mha_fastpath(), _math_sdpa(), ForwardADRoutes(attention, block):
         yield

@@ -43,9 +43,10 @@ from torch import Tensor, nn
 from meanflow_losses._validate import _values_on, compiling
 from meanflow_losses.conditioning import Conditioning
 from meanflow_losses.conventions import append_dims
-from meanflow_losses.forward_ad import eager_module, forward_ad_context
+from meanflow_losses.forward_ad import eager_module, forward_ad_context, no_mha_fastpath
 from meanflow_losses.jvp_attention import JVPAttention
-from meanflow_losses.passes import call, preserve_buffers, same_randomness
+from meanflow_losses.passes import call, modules_of, preserve_buffers, same_randomness
+from meanflow_losses.traced_jvp import DropZeroProducts
 
 __all__ = [
     "JVP_STRATEGIES",
@@ -221,9 +222,10 @@ def time_derivative(
     compiled = compiled_module(model)
     if compiled is not None and strategy != "finite_difference" and not compiling():
         # a torch.compile-d network: its JVP runs compiled too (traced with torch.func.jvp), not eagerly
-        res = _compiled_time_derivative()(
-            compiled, z, r, t, tangent, cond, strategy="nograd", fp32=fp32, attention=attention, fd_eps=fd_eps
-        )
+        with _batch_counters_detached(compiled), no_mha_fastpath():
+            res = _compiled_time_derivative()(
+                compiled, z, r, t, tangent, cond, strategy="nograd", fp32=fp32, attention=attention, fd_eps=fd_eps
+            )
         return JVPResult(dudt=res.dudt, u=None)
     z_in, tan_in, r_in, t_in = z.detach(), tangent.detach(), r.detach(), t.detach()
     use_routes = math_attention and strategy != "finite_difference"
@@ -243,6 +245,14 @@ def time_derivative(
             return JVPResult(dudt=dudt, u=None)
         who = "target_model" if strategy == "nograd" else "model"
         if compiling():  # traced: torch.func.jvp under no_grad (a "joint" primal is recomputed by the objective)
+            counting = _counting_batch_norms(model)
+            if counting:
+                raise RuntimeError(
+                    f"the network has BatchNorm layers in train mode ({', '.join(counting[:3])}) inside a compiled "
+                    "training step: they count batches in place (num_batches_tracked += 1), which a traced JVP "
+                    "cannot do. Compile the network only (torch.compile(model)) and keep the loss eager, put those "
+                    "layers in eval mode, or use GroupNorm/LayerNorm"
+                )
             with torch.no_grad(), preserve_buffers(model):
                 u, dudt = _traced_dual_call(fn, z_in, r_in, t_in, tan_in, cond, who)
             return JVPResult(dudt=dudt.detach(), u=None if strategy == "joint" else u.detach())
@@ -280,6 +290,45 @@ def _difference_quotient(
     return (u_hi - u_lo) / append_dims(width, u_hi).to(u_hi.dtype)
 
 
+def _counts_batches(m: nn.Module) -> bool:
+    """A BatchNorm layer that adds 1 to ``num_batches_tracked`` in place when called (train mode, tracked)."""
+    return (
+        isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and m.training
+        and m.track_running_stats
+        and m.num_batches_tracked is not None
+    )
+
+
+def _counting_batch_norms(model: Any) -> list[str]:
+    """Names of the layers of ``model`` (or of the modules it wraps) that :func:`_counts_batches`."""
+    return [
+        name or type(m).__name__
+        for module in modules_of(model)
+        for name, m in module.named_modules()
+        if _counts_batches(m)
+    ]
+
+
+@contextlib.contextmanager
+def _batch_counters_detached(model: nn.Module) -> Iterator[None]:
+    """Train-mode BatchNorm without its batch counter for the duration of a compiled JVP.
+
+    A train-mode BatchNorm adds 1 to ``num_batches_tracked`` in place, which a traced ``torch.func.jvp`` refuses
+    (an in-place update of a captured tensor). The JVP leaves every buffer as it found it anyway (its BatchNorm
+    route does not update the running statistics), so the counter is set aside and put back.
+    """
+    found = [m for m in model.modules() if _counts_batches(m)]
+    saved = [m.num_batches_tracked for m in found]
+    try:
+        for m in found:
+            m.num_batches_tracked = None  # type: ignore[assignment]  # a registered buffer may be None
+        yield
+    finally:
+        for m, counter in zip(found, saved, strict=True):
+            m.num_batches_tracked = counter
+
+
 def compiled_module(model: Any) -> nn.Module | None:
     """The eager module inside a ``torch.compile`` wrapper (``torch.compile(net)``), else ``None``."""
     inner = getattr(model, "_orig_mod", None) if type(model).__name__ == "OptimizedModule" else None
@@ -292,11 +341,13 @@ _COMPILED: list[Callable[..., JVPResult]] = []
 def _compiled_time_derivative() -> Callable[..., JVPResult]:
     """:func:`time_derivative` under ``torch.compile`` (built once; the compiler guards on the module).
 
-    Static shapes (``dynamic=False``): forward-mode rules of custom functions fail on symbolic shapes in torch 2.13,
-    and the number of ``r != t`` rows is fixed per batch size, so a new shape is a new, cached compilation.
+    The compiler pass :class:`~meanflow_losses.traced_jvp.DropZeroProducts` removes the products of the primal
+    with the weights' zero tangents that PyTorch's traced formulas leave in. Static shapes (``dynamic=False``):
+    the number of ``r != t`` rows is fixed per batch size, so a new shape is a new, cached compilation.
     """
     if not _COMPILED:
-        _COMPILED.append(torch.compile(time_derivative, dynamic=False))
+        options: dict[str, Any] = {"post_grad_custom_pre_pass": DropZeroProducts()}
+        _COMPILED.append(torch.compile(time_derivative, dynamic=False, options=options))
     return _COMPILED[0]
 
 

@@ -1,24 +1,36 @@
-r"""Forward-mode rules for the operators whose JVP ``torch.compile`` cannot trace (torch 2.13).
+r"""The compiled JVP: primitive forms of the operators whose forward-mode rules ``torch.compile`` cannot trace.
 
-Under ``torch.compile``, ``torch.func.jvp`` fails to trace PyTorch's own forward-AD formulas of convolutions,
-LayerNorm, GroupNorm, BatchNorm and scaled-dot-product attention ("RuntimeError when making fake tensor call").
-A ``torch.autograd.Function`` with an explicit ``jvp`` rule does trace. While a JVP is traced (see
-:func:`meanflow_losses.forward_ad.forward_ad_context`), calls of these operators are routed to the Functions below,
-whose forward is the original operator and whose ``jvp`` is the exact tangent:
+A compiled JVP (``torch.func.jvp`` traced by ``torch.compile``, see :mod:`meanflow_losses.jvp`) applies PyTorch's
+own forward-mode formulas to the traced graph. In torch 2.13 two kinds of calls break there:
 
-* convolutions (bilinear): :math:`\dot y = \mathrm{conv}(\dot x, w) + \mathrm{conv}(x, \dot w) + \dot b`;
-* normalisation over a set of axes with :math:`\hat x = (x - \mu) / \sigma`:
-  :math:`\dot{\hat x} = (\dot x - \overline{\dot x} - \hat x\,\overline{\dot x \hat x}) / \sigma`, then the affine
-  :math:`\dot y = \dot{\hat x}\,w + \hat x\,\dot w + \dot b` (LayerNorm: the last axes; GroupNorm: each group;
-  BatchNorm in train mode: every axis but the channel's; BatchNorm in eval mode is affine in ``x``);
-* attention: the blockwise tangent of :mod:`meanflow_losses.jvp_attention`.
+* LayerNorm, GroupNorm, BatchNorm and InstanceNorm with affine parameters: the fused kernels' formulas fail on
+  the compiler's fake tensors ("RuntimeError when making fake tensor call", an internal assert in ``_fw_primal``);
+* scaled-dot-product attention: the fused kernels (flash-for-CPU, memory-efficient, ...) have no forward-mode
+  formula at all.
 
-These routes serve no-grad JVPs only (PyTorch's compiler refuses a custom ``jvp`` whose output needs grad); the
-engine runs every traced JVP under ``torch.no_grad``.
+While a JVP is traced (see :func:`meanflow_losses.forward_ad.forward_ad_context`) these calls are routed to the
+same mathematics in primitive operations, whose formulas trace, and the compiler derives the tangent:
+
+* normalisation over a set of axes: :math:`y = (x - \mu)\,/\sqrt{\sigma^2 + \epsilon}\;w + b` with the biased
+  variance (LayerNorm: the last axes; GroupNorm: each group; BatchNorm in train mode and InstanceNorm with input
+  statistics: the batch's or the instance's axes; with running statistics the normalisation is affine in ``x``),
+  in float32 for half-precision inputs, as PyTorch's kernels compute;
+* attention :math:`\mathrm{softmax}(\mathrm{scale}\,QK^\top + M)\,V`, one block of :data:`QUERY_BLOCK` query
+  rows at a time (so the JVP's attention intermediates are ``O(block x S)``), with boolean or additive masks
+  (a mask that depends on ``z`` or ``t`` is differentiated too), ``is_causal``, ``scale`` and grouped-query heads;
+  a query row whose keys are all masked gives 0, as PyTorch's kernels do.
+
+A ``torch.autograd.Function`` with an explicit ``jvp`` would not help here: under ``torch.no_grad`` (every traced
+JVP runs there) the compiler inlines its ``forward`` and never calls the rule.
+
+:class:`DropZeroProducts` is a compiler pass for the JVP region: PyTorch's formulas multiply the primal by a
+materialised zero tangent of each weight (``x @ 0`` in every linear layer, ``conv(x, 0)`` in every convolution), a
+third matrix product per layer that the compiler does not remove.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -27,171 +39,97 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from meanflow_losses.jvp_attention import DEFAULT_BLOCK, attention_jvp_blockwise
+from meanflow_losses.jvp_attention import DEFAULT_BLOCK
 
-__all__ = ["CONV_ROUTES", "TRACED_ROUTES"]
+__all__ = ["QUERY_BLOCK", "TRACED_ROUTES", "DropZeroProducts"]
 
-
-def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
-    if a is None:
-        return b
-    return a if b is None else a + b
+_HALF = (torch.float16, torch.bfloat16)
+#: Query rows per block of the traced attention (read when a JVP is traced).
+QUERY_BLOCK = DEFAULT_BLOCK
 
 
-def _bias_shape(bias: Tensor, ndim: int) -> Tensor:
-    return bias.reshape(1, -1, *([1] * (ndim - 2)))
+def _bind(names: tuple[str, ...], defaults: dict[str, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> list:
+    bound = {**defaults, **dict(zip(names, args, strict=False)), **kwargs}
+    return [bound[n] for n in names]
 
 
-class _Conv(torch.autograd.Function):
-    @staticmethod
-    def forward(x, w, b, conv, stride, padding, dilation, groups):
-        return conv(x, w, b, stride, padding, dilation, groups)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.set_materialize_grads(False)  # a missing tangent arrives as None, not as zeros to compute with
-        x, w, b, conv, stride, padding, dilation, groups = inputs
-        ctx.save_for_forward(x, w)
-        ctx.save_for_backward(x, w, b)
-        ctx.opts = (conv, stride, padding, dilation, groups)
-
-    @staticmethod
-    def jvp(ctx, dx, dw, db, *_):
-        x, w = ctx.saved_tensors
-        conv, stride, padding, dilation, groups = ctx.opts
-        out = None
-        if dx is not None:
-            out = conv(dx, w, None, stride, padding, dilation, groups)
-        if dw is not None:
-            out = _add(out, conv(x, dw, None, stride, padding, dilation, groups))
-        if db is not None:
-            ref = out if out is not None else conv(x, w, None, stride, padding, dilation, groups)
-            out = _add(out, torch.zeros_like(ref) + _bias_shape(db, ref.ndim))
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        """The convolution's gradient, by differentiating a recomputed convolution (the eager ``"joint"`` JVP)."""
-        if g is None:
-            return (None,) * 8
-        x, w, b = ctx.saved_tensors
-        conv, stride, padding, dilation, groups = ctx.opts
-        with torch.enable_grad():
-            leaves = [None if a is None else a.detach().requires_grad_(a.requires_grad) for a in (x, w, b)]
-            y = conv(leaves[0], leaves[1], leaves[2], stride, padding, dilation, groups)
-            wanted = [a for a in leaves if a is not None and a.requires_grad]
-            grads = iter(torch.autograd.grad(y, wanted, g) if wanted else ())
-        found = [next(grads) if a is not None and a.requires_grad else None for a in leaves]
-        return (*found, None, None, None, None, None)
+def _channel(p: Tensor, ndim: int) -> Tensor:
+    """A per-channel vector ``(C,)`` shaped to broadcast over ``(N, C, *)``."""
+    return p.reshape(1, -1, *([1] * (ndim - 2)))
 
 
-def _normalise_tangent(x: Tensor, dx: Tensor, dims: tuple[int, ...], eps: float) -> tuple[Tensor, Tensor]:
-    """``(x_hat, d x_hat)`` of the normalisation of ``x`` over ``dims`` along the tangent ``dx``."""
+def _normalise(x: Tensor, dims: tuple[int, ...], eps: float) -> Tensor:
+    """``(x - mean) / sqrt(var + eps)`` over ``dims`` (biased variance)."""
     mu = x.mean(dims, keepdim=True)
-    var = (x - mu).square().mean(dims, keepdim=True)
-    rstd = torch.rsqrt(var + eps)
-    xhat = (x - mu) * rstd
-    dxhat = (dx - dx.mean(dims, keepdim=True) - xhat * (dx * xhat).mean(dims, keepdim=True)) * rstd
-    return xhat, dxhat
+    c = x - mu
+    return c * torch.rsqrt(c.square().mean(dims, keepdim=True) + eps)
 
 
-class _LayerNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(x, shape, w, b, eps):
-        return F.layer_norm(x, shape, w, b, eps)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.set_materialize_grads(False)  # a missing tangent arrives as None, not as zeros to compute with
-        x, shape, w, _b, eps = inputs
-        ctx.save_for_forward(x, w)
-        ctx.opts = (tuple(shape), eps)
-
-    @staticmethod
-    def jvp(ctx, dx, _dshape, dw, db, _deps):
-        x, w = ctx.saved_tensors
-        shape, eps = ctx.opts
-        dims = tuple(range(-len(shape), 0))
-        xhat, dxhat = _normalise_tangent(x, dx if dx is not None else torch.zeros_like(x), dims, eps)
-        out = dxhat if w is None else dxhat * w
-        if dw is not None:
-            out = out + xhat * dw
-        return out if db is None else out + db
+def _affine(y: Tensor, w: Tensor | None, b: Tensor | None, shape: Callable[[Tensor], Tensor]) -> Tensor:
+    if w is not None:
+        y = y * shape(w)
+    return y if b is None else y + shape(b)
 
 
-class _GroupNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(x, groups, w, b, eps):
-        return F.group_norm(x, groups, w, b, eps)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.set_materialize_grads(False)  # a missing tangent arrives as None, not as zeros to compute with
-        x, groups, w, _b, eps = inputs
-        ctx.save_for_forward(x, w)
-        ctx.opts = (groups, eps)
-
-    @staticmethod
-    def jvp(ctx, dx, _dgroups, dw, db, _deps):
-        x, w = ctx.saved_tensors
-        groups, eps = ctx.opts
-        n = x.shape[0]
-        xg = x.reshape(n, groups, -1)
-        dxg = (dx if dx is not None else torch.zeros_like(x)).reshape(n, groups, -1)
-        xhat, dxhat = _normalise_tangent(xg, dxg, (2,), eps)
-        xhat, out = xhat.reshape(x.shape), dxhat.reshape(x.shape)
-        if w is not None:
-            out = out * _bias_shape(w, x.ndim)
-        if dw is not None:
-            out = out + xhat * _bias_shape(dw, x.ndim)
-        return out if db is None else out + _bias_shape(db, x.ndim)
+def _opmath(x: Tensor) -> Tensor:
+    return x.float() if x.dtype in _HALF else x
 
 
-class _BatchNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(x, mean, var, w, b, training, momentum, eps):
-        return F.batch_norm(x, mean, var, w, b, training, momentum, eps)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.set_materialize_grads(False)  # a missing tangent arrives as None, not as zeros to compute with
-        x, mean, var, w, _b, training, _momentum, eps = inputs
-        ctx.save_for_forward(x, w, mean, var)
-        ctx.opts = (training or var is None, eps)
-
-    @staticmethod
-    def jvp(ctx, dx, _dm, _dv, dw, db, *_):
-        x, w, mean, var = ctx.saved_tensors
-        batch_stats, eps = ctx.opts
-        dx = dx if dx is not None else torch.zeros_like(x)
-        xhat: Tensor | None
-        if batch_stats:
-            dims = (0, *range(2, x.ndim))
-            xhat, out = _normalise_tangent(x, dx, dims, eps)
-        else:
-            rstd = _bias_shape(torch.rsqrt(var + eps), x.ndim)
-            out = dx * rstd
-            xhat = (x - _bias_shape(mean, x.ndim)) * rstd if dw is not None else None
-        if w is not None:
-            out = out * _bias_shape(w, x.ndim)
-        if dw is not None:
-            assert xhat is not None  # both branches set it whenever dw is given
-            out = out + xhat * _bias_shape(dw, x.ndim)
-        return out if db is None else out + _bias_shape(db, x.ndim)
+def _layer_norm(func: Callable[..., Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+    names = ("input", "normalized_shape", "weight", "bias", "eps")
+    x, shape, w, b, eps = _bind(names, {"weight": None, "bias": None, "eps": 1e-5}, args, kwargs)
+    n = len(shape) if isinstance(shape, (tuple, list, torch.Size)) else 1
+    y = _normalise(_opmath(x), tuple(range(-n, 0)), eps)
+    return _affine(y, w, b, lambda p: p).to(x.dtype)
 
 
-def _attention_primal(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, scale: float | None, enable_gqa: bool
-) -> Tensor:
-    """SDPA written in primitive operations (the compiler cannot fake-run the fused kernels inside a traced JVP)."""
-    if enable_gqa and q.ndim >= 3 and k.shape[-3] != q.shape[-3]:
-        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
-        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
-    s = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+def _group_norm(func: Callable[..., Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+    names = ("input", "num_groups", "weight", "bias", "eps")
+    x, groups, w, b, eps = _bind(names, {"weight": None, "bias": None, "eps": 1e-5}, args, kwargs)
+    xg = _opmath(x).reshape(x.shape[0], groups, -1)
+    y = _normalise(xg, (2,), eps).reshape(x.shape)
+    return _affine(y, w, b, lambda p: _channel(p, x.ndim)).to(x.dtype)
+
+
+def _statistics_norm(
+    x: Tensor, mean: Tensor | None, var: Tensor | None, w: Tensor | None, b: Tensor | None,
+    input_stats: bool, dims: tuple[int, ...], eps: float,
+) -> Tensor:  # fmt: skip
+    """BatchNorm / InstanceNorm: over ``dims`` with the input's statistics, else with the running ones."""
+    xf = _opmath(x)
+    if input_stats:
+        y = _normalise(xf, dims, eps)
+    else:
+        assert mean is not None and var is not None  # PyTorch's own call refuses running statistics that are None
+        y = (xf - _channel(mean, x.ndim)) * _channel(torch.rsqrt(var + eps), x.ndim)
+    return _affine(y, w, b, lambda p: _channel(p, x.ndim)).to(x.dtype)
+
+
+def _batch_norm(func: Callable[..., Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+    """Running statistics are not updated: a no-grad JVP leaves every buffer as it found it."""
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+    defaults = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
+    x, mean, var, w, b, training, _momentum, eps = _bind(names, defaults, args, kwargs)
+    dims = (0, *range(2, x.ndim))
+    return _statistics_norm(x, mean, var, w, b, bool(training) or mean is None, dims, eps)
+
+
+def _instance_norm(func: Callable[..., Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+    names = ("input", "running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps")
+    defaults = {"running_mean": None, "running_var": None, "weight": None, "bias": None, "use_input_stats": True,
+                "momentum": 0.1, "eps": 1e-5}  # fmt: skip
+    x, mean, var, w, b, input_stats, _momentum, eps = _bind(names, defaults, args, kwargs)
+    return _statistics_norm(x, mean, var, w, b, bool(input_stats), tuple(range(2, x.ndim)), eps)
+
+
+def _attention_block(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, start: int, is_causal: bool,
+                     scale: float) -> Tensor:  # fmt: skip
+    """Attention of the query rows ``start : start + len(q)`` (``mask`` already sliced to them)."""
+    s = (q @ k.transpose(-2, -1)) * scale
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
-    if is_causal:
-        rows = torch.arange(q.shape[-2], device=q.device)
+    if is_causal:  # top-left aligned, as PyTorch's is_causal: key j is visible from query i if j <= i
+        rows = torch.arange(start, start + q.shape[-2], device=q.device)
         cols = torch.arange(k.shape[-2], device=q.device)
         s = s.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
     p = torch.softmax(s, dim=-1)
@@ -200,66 +138,25 @@ def _attention_primal(
     return p @ v
 
 
-class _Attention(torch.autograd.Function):
-    @staticmethod
-    def forward(q, k, v, mask, is_causal, scale, enable_gqa):
-        return _attention_primal(q, k, v, mask, is_causal, scale, enable_gqa)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.set_materialize_grads(False)  # a missing tangent arrives as None, not as zeros to compute with
-        q, k, v, mask, is_causal, scale, enable_gqa = inputs
-        ctx.save_for_forward(q, k, v, output)
-        ctx.mask, ctx.opts = mask, (is_causal, scale, enable_gqa)
-
-    @staticmethod
-    def jvp(ctx, dq, dk, dv, dmask, *_):
-        if dmask is not None:
-            raise NotImplementedError(
-                "an attention mask computed from z or t (it carries a tangent) inside a torch.compile-d JVP is not "
-                "supported: compute the mask from the conditioning only, or run the JVP eagerly (an eager network "
-                "or a compiled one called outside a compiled step)"
-            )
-        q, k, v, out = ctx.saved_tensors
-        is_causal, scale, enable_gqa = ctx.opts
-        return attention_jvp_blockwise(
-            q, k, v, out, dq, dk, dv, attn_mask=ctx.mask, is_causal=is_causal, scale=scale,
-            enable_gqa=enable_gqa, block=DEFAULT_BLOCK,
-        )  # fmt: skip
-
-
-def _bind(names: tuple[str, ...], defaults: dict[str, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> list:
-    bound = {**defaults, **dict(zip(names, args, strict=False)), **kwargs}
-    return [bound[n] for n in names]
-
-
-def _conv(conv: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-    defaults = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
-
-    def handler(func: Callable[..., Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
-        x, w, b, stride, padding, dilation, groups = _bind(names, defaults, args, kwargs)
-        return _Conv.apply(x, w, b, conv, stride, padding, dilation, groups)
-
-    return handler
-
-
-def _layer_norm(func: Callable[..., Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
-    names = ("input", "normalized_shape", "weight", "bias", "eps")
-    x, shape, w, b, eps = _bind(names, {"weight": None, "bias": None, "eps": 1e-5}, args, kwargs)
-    return _LayerNorm.apply(x, shape, w, b, eps)
-
-
-def _group_norm(func: Callable[..., Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
-    names = ("input", "num_groups", "weight", "bias", "eps")
-    x, groups, w, b, eps = _bind(names, {"weight": None, "bias": None, "eps": 1e-5}, args, kwargs)
-    return _GroupNorm.apply(x, groups, w, b, eps)
-
-
-def _batch_norm(func: Callable[..., Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
-    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-    defaults = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
-    return _BatchNorm.apply(*_bind(names, defaults, args, kwargs))
+def _attention_primal(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, scale: float | None, enable_gqa: bool,
+    block: int,
+) -> Tensor:  # fmt: skip
+    """SDPA in primitive operations, per block of query rows (the fused kernels have no forward-mode formula)."""
+    if enable_gqa and q.ndim >= 3 and k.shape[-3] != q.shape[-3]:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+    sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    n = q.shape[-2]
+    if n <= block:
+        return _attention_block(q, k, v, mask, 0, is_causal, sc)
+    outs = []
+    for i in range(0, n, block):
+        m = mask
+        if m is not None and m.ndim >= 2 and m.shape[-2] == n:
+            m = m[..., i : i + block, :]
+        outs.append(_attention_block(q[..., i : i + block, :], k, v, m, i, is_causal, sc))
+    return torch.cat(outs, dim=-2)
 
 
 def _attention(func: Callable[..., Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
@@ -271,22 +168,93 @@ def _attention(func: Callable[..., Tensor], args: tuple[Any, ...], kwargs: dict[
             "attention dropout inside a torch.compile-d JVP is not supported: set dropout_p=0 in the JVP (eval-mode "
             "attention) or run the JVP eagerly"
         )
-    return _Attention.apply(q, k, v, mask, bool(is_causal), scale, bool(gqa))
+    return _attention_primal(q, k, v, mask, bool(is_causal), scale, bool(gqa), QUERY_BLOCK)
 
-
-#: Convolutions with an explicit forward-mode rule: also a speed route of the eager JVP (PyTorch's own rule is
-#: about 1.4x slower on the CPU; the numbers are the same).
-CONV_ROUTES: dict[Callable[..., Any], Callable[..., Any]] = {
-    F.conv1d: _conv(F.conv1d),
-    F.conv2d: _conv(F.conv2d),
-    F.conv3d: _conv(F.conv3d),
-}
 
 #: Function -> handler used while a JVP is traced by ``torch.compile``.
 TRACED_ROUTES: dict[Callable[..., Any], Callable[..., Any]] = {
-    **CONV_ROUTES,
     F.layer_norm: _layer_norm,
     F.group_norm: _group_norm,
     F.batch_norm: _batch_norm,
+    F.instance_norm: _instance_norm,
     F.scaled_dot_product_attention: _attention,
 }
+
+
+try:  # the pass interface of torch's compiler (torch >= 2.6)
+    from torch._inductor.custom_graph_pass import CustomGraphPass as _PassBase
+except ImportError:  # pragma: no cover - older torch: the class still works as a plain callable
+    _PassBase = object  # type: ignore[assignment,misc]
+
+
+class DropZeroProducts(_PassBase):
+    r"""Compiler pass: remove products with a materialised zero and additions of a zero (``post_grad_custom_pre_pass``).
+
+    PyTorch's forward-mode formula of ``addmm`` (a linear layer) is
+    :math:`\dot b + \dot x W^\top + x \dot W^\top`; traced, the weight's missing tangent becomes a zero tensor
+    and :math:`x \cdot 0` a real matrix product (likewise ``conv(x, 0)`` for a convolution). The pass marks the
+    zero tensors (``full(..., 0)``, ``zeros`` and their views), the products and convolutions that take one, and
+    replaces ``a + 0`` and ``addmm(c, a, 0)`` by ``a`` and ``c`` where shape, dtype and strides agree; the dead
+    products are then dropped. Exact for finite values (``x @ 0`` is 0 unless ``x`` holds an infinity or a NaN).
+
+    The engine applies it to the JVP regions it compiles; a user compiling a whole training step can pass it too:
+    ``torch.compile(step, options={"post_grad_custom_pre_pass": DropZeroProducts()})``.
+    """
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        """Rewrite ``graph`` in place."""
+        aten = torch.ops.aten
+        views = {aten.expand.default, aten.view.default, aten.reshape.default, aten.permute.default, aten.t.default,
+                 aten.transpose.int, aten.unsqueeze.default, aten.squeeze.dim, aten.clone.default,
+                 aten.alias.default, aten._unsafe_view.default}  # fmt: skip
+        zero: set[torch.fx.Node] = set()
+
+        def is_zero(a: Any) -> bool:
+            return isinstance(a, torch.fx.Node) and a in zero
+
+        def same_layout(a: torch.fx.Node, b: torch.fx.Node) -> bool:
+            va, vb = a.meta.get("val"), b.meta.get("val")
+            if not (isinstance(va, Tensor) and isinstance(vb, Tensor)):
+                return False
+            return va.shape == vb.shape and va.dtype == vb.dtype and va.stride() == vb.stride()
+
+        changed = False
+        for node in list(graph.nodes):
+            if node.op != "call_function":
+                continue
+            target, args, kwargs = node.target, node.args, node.kwargs
+            if target is aten.full.default and len(args) > 1 and args[1] == 0:
+                zero.add(node)
+            elif target in (aten.zeros.default, aten.zeros_like.default):
+                zero.add(node)
+            elif target in views and args and is_zero(args[0]):
+                zero.add(node)
+            elif target in (aten.mm.default, aten.bmm.default) and (is_zero(args[0]) or is_zero(args[1])):
+                zero.add(node)
+            elif (
+                target is aten.convolution.default
+                and (args[2] is None or is_zero(args[2]))
+                and (is_zero(args[0]) or is_zero(args[1]))
+            ):
+                zero.add(node)
+            elif target is aten.addmm.default and not kwargs and (is_zero(args[1]) or is_zero(args[2])):
+                if is_zero(args[0]):
+                    zero.add(node)
+                elif same_layout(args[0], node):
+                    node.replace_all_uses_with(args[0])
+                    changed = True
+            elif target is aten.add.Tensor and not kwargs and len(args) == 2:
+                a, b = args
+                keep = a if is_zero(b) else b if is_zero(a) else None
+                if isinstance(keep, torch.fx.Node) and same_layout(keep, node):
+                    node.replace_all_uses_with(keep)
+                    changed = True
+                elif is_zero(a) and is_zero(b):
+                    zero.add(node)
+        if changed:
+            graph.eliminate_dead_code()
+
+    def uuid(self) -> Any:
+        """Cache key of the compiled graphs: the source of this module."""
+        with open(__file__, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()

@@ -1,8 +1,10 @@
 """torch.compile: a compiled network and a compiled training step, with every objective and JVP strategy.
 
 * zero graph breaks inside the loss (``torch._dynamo.explain``), guidance included, on an MLP and on a DiT-like
-  network with a patch convolution, LayerNorm and SDPA attention (the operators whose forward-AD rules the
-  compiler cannot trace are routed to explicit rules, :mod:`meanflow_losses.traced_jvp`);
+  network with a patch convolution, LayerNorm and SDPA attention (the operators whose forward-AD formulas the
+  compiler cannot trace are routed to primitive forms, :mod:`meanflow_losses.traced_jvp`);
+* a compiled network through every affine normalisation, transposed convolutions, masks that depend on t, causal
+  and grouped-query attention over several query blocks gets the eager du/dt;
 * a compiled step gives the eager step's loss, gradient and du/dt;
 * no recompilation from step to step (beyond the one that makes the ``step`` integer dynamic, and one per
   alpha-Flow regime).
@@ -19,6 +21,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import meanflow_losses as mfl
+from meanflow_losses import traced_jvp
 from meanflow_losses.jvp import time_derivative
 from tests.nets import MLP, time_features
 
@@ -157,6 +160,90 @@ def test_compiled_network_dudt_equals_eager_through_conv_norm_and_attention():
         tol = 3e-5 if strategy == "finite_difference" else 1e-5
         assert float((got - other).norm() / other.norm()) < tol, strategy
     assert float((got - ref).norm() / ref.norm()) < 5e-3  # finite differences against AD
+
+
+class NormNet(nn.Module):
+    """Every normalisation with affine parameters (GroupNorm, LayerNorm, InstanceNorm, RMSNorm, BatchNorm) and a
+    transposed convolution: the layers of U-Nets and DiTs whose fused forward-mode formulas fail under the compiler."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.inp = nn.Conv2d(4, c, 3, padding=1)
+        self.gn, self.inorm = nn.GroupNorm(2, c), nn.InstanceNorm2d(c, affine=True)
+        self.ln, self.rms = nn.LayerNorm(c), nn.RMSNorm(c)
+        self.bn = nn.BatchNorm2d(c)
+        self.up, self.down = nn.ConvTranspose2d(c, c, 2, 2), nn.Conv2d(c, 4, 2, 2)
+
+    def forward(self, z, r, t):
+        h = self.inp(z) * (1 + t[:, None, None, None]) + (t - r)[:, None, None, None]
+        h = self.inorm(F.silu(self.gn(h)))
+        h = self.rms(self.ln(h.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        return self.down(self.up(self.bn(h)))
+
+
+class MaskedAttentionNet(nn.Module):
+    """Attention with a mask computed from t, causal attention over more query rows than one block, and GQA."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.q, self.kv = nn.Linear(c, c), nn.Linear(c, c)
+
+    def forward(self, z, r, t):  # z: (B, N, 8)
+        b, n, _ = z.shape
+        q = self.q(z).view(b, n, 4, 2).transpose(1, 2)
+        kv = self.kv(z).view(b, n, 4, 2).transpose(1, 2)[:, :2]
+        bias = (t - r)[:, None, None, None] * torch.linspace(-1, 1, n)  # (B, 1, 1, N), differentiated
+        a = F.scaled_dot_product_attention(q, kv, kv, attn_mask=bias, enable_gqa=True)
+        c = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        return (a + c).transpose(1, 2).reshape(b, n, -1) * t[:, None, None]
+
+
+class TorchAttentionNet(nn.Module):
+    """``nn.MultiheadAttention`` in eval mode (its fast path) and a ``nn.TransformerEncoderLayer``: PyTorch's own
+    attention modules, whose inner SDPA call the operator routes do not see."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(c, 2, batch_first=True).eval()
+        self.enc = nn.TransformerEncoderLayer(c, 2, 16, dropout=0.0, batch_first=True)
+
+    def forward(self, z, r, t):  # z: (B, N, 8)
+        h = z * (1 + t[:, None, None]) + (t - r)[:, None, None]
+        return self.enc(self.mha(h, h, h, need_weights=False)[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [(NormNet, (3, 4, 4, 4)), (MaskedAttentionNet, (2, 20, 8)), (TorchAttentionNet, (2, 5, 8))],
+    ids=["norms", "attention", "torch_attention"],
+)
+def test_compiled_dudt_through_affine_norms_masks_and_query_blocks(make, shape, monkeypatch):
+    """A compiled network with these layers gets the eager du/dt (these compiles failed with a fake-tensor error)."""
+    monkeypatch.setattr(traced_jvp, "QUERY_BLOCK", 8)  # 20 query rows: three blocks in the traced attention
+    torch.manual_seed(0)
+    net = make()  # train mode: NormNet's BatchNorm counts batches and normalises with the batch's statistics
+    z, tan = torch.randn(shape), torch.randn(shape)
+    t = torch.rand(shape[0]) * 0.8 + 0.1
+    r = t * 0.3
+    buffers = {k: b.clone() for k, b in net.named_buffers()}
+    ref = time_derivative(net, z, r, t, tan).dudt
+    torch._dynamo.reset()
+    for _ in range(2):  # the second call runs the cached graph
+        got = time_derivative(torch.compile(net), z, r, t, tan).dudt
+        assert float((got - ref).norm() / ref.norm()) < 1e-5
+    for k, b in net.named_buffers():  # the JVP leaves the running statistics and the batch counter alone
+        assert torch.equal(b, buffers[k]), k
+
+
+@pytest.mark.slow
+def test_compiled_step_refuses_counting_batch_norm_with_a_clear_error():
+    """A compiled training step cannot run train-mode BatchNorm's in-place counter inside the traced JVP."""
+    net, loss = NormNet(), mfl.MeanFlowLoss()
+    torch._dynamo.reset()
+    step = torch.compile(lambda x: loss(net, x).loss)
+    with pytest.raises(RuntimeError, match="BatchNorm layers in train mode"):
+        step(torch.randn(8, 4, 4, 4))
 
 
 def test_traced_rules_equal_pytorchs_forward_ad():
