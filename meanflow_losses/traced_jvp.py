@@ -171,13 +171,37 @@ def _attention(func: Callable[..., Tensor], args: tuple[Any, ...], kwargs: dict[
     return _attention_primal(q, k, v, mask, bool(is_causal), scale, bool(gqa), QUERY_BLOCK)
 
 
-#: Function -> handler used while a JVP is traced by ``torch.compile``.
+def _reordered(handler: Callable[..., Tensor], names: tuple[str, ...], order: tuple[str, ...]) -> Callable[..., Tensor]:
+    """``handler`` for a ``torch.*`` spelling whose positional arguments ``names`` come in another order."""
+
+    def route(func: Callable[..., Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        bound = {**dict(zip(names, args, strict=False)), **kwargs}
+        bound.pop("cudnn_enable", None)
+        bound.pop("cudnn_enabled", None)
+        return handler(func, (), {n: bound[n] for n in order if n in bound})
+
+    return route
+
+
+_BN = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps", "cudnn_enabled")
+_BN_F = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+_IN = ("input", "weight", "bias", "running_mean", "running_var", "use_input_stats", "momentum", "eps",
+       "cudnn_enabled")  # fmt: skip
+_IN_F = ("input", "running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps")
+_LN = ("input", "normalized_shape", "weight", "bias", "eps", "cudnn_enable")
+_GN = ("input", "num_groups", "weight", "bias", "eps", "cudnn_enabled")
+
+#: Function -> handler used while a JVP is traced by ``torch.compile`` (the ``F.*`` and the ``torch.*`` spellings).
 TRACED_ROUTES: dict[Callable[..., Any], Callable[..., Any]] = {
     F.layer_norm: _layer_norm,
     F.group_norm: _group_norm,
     F.batch_norm: _batch_norm,
     F.instance_norm: _instance_norm,
     F.scaled_dot_product_attention: _attention,
+    torch.layer_norm: _reordered(_layer_norm, _LN, _LN[:5]),
+    torch.group_norm: _reordered(_group_norm, _GN, _GN[:5]),
+    torch.batch_norm: _reordered(_batch_norm, _BN, _BN_F),
+    torch.instance_norm: _reordered(_instance_norm, _IN, _IN_F),
 }
 
 
@@ -212,7 +236,14 @@ class DropZeroProducts(_PassBase):
         def is_zero(a: Any) -> bool:
             return isinstance(a, torch.fx.Node) and a in zero
 
+        def from_input(a: torch.fx.Node) -> bool:  # an input or a view of one: a later in-place write reaches it
+            while a.op == "call_function" and a.target in views and a.args and isinstance(a.args[0], torch.fx.Node):
+                a = a.args[0]
+            return a.op == "placeholder"
+
         def same_layout(a: torch.fx.Node, b: torch.fx.Node) -> bool:
+            if from_input(a):  # as inductor's own no-op removal: no new aliasing between inputs and outputs
+                return False
             va, vb = a.meta.get("val"), b.meta.get("val")
             if not (isinstance(va, Tensor) and isinstance(vb, Tensor)):
                 return False
@@ -255,6 +286,6 @@ class DropZeroProducts(_PassBase):
             graph.eliminate_dead_code()
 
     def uuid(self) -> Any:
-        """Cache key of the compiled graphs: the source of this module."""
+        """Cache key of the compiled graphs: the class and the source of this module."""
         with open(__file__, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
+            return f"{type(self).__module__}.{type(self).__qualname__}:{hashlib.sha256(f.read()).hexdigest()}"

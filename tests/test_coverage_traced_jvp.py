@@ -94,6 +94,23 @@ def test_instance_norm_tangents(input_stats):
     _same_jvp(F.instance_norm, lambda f: lambda x_: f(x_), (x,), (_rand(2, 3, 5, g=g),))
 
 
+def test_torch_namespace_spellings_of_the_norms_are_routed():
+    """``torch.layer_norm`` / ``group_norm`` / ``batch_norm`` / ``instance_norm`` (other argument orders) too."""
+    g = _g(10)
+    x, w, b = _rand(4, 3, 5, g=g), _rand(3, g=g), _rand(3, g=g)
+    mean, var = _rand(3, g=g), _rand(3, g=g).abs() + 0.5
+    dx = _rand(4, 3, 5, g=g)
+    lw, lb = _rand(5, g=g), _rand(5, g=g)
+    cases = {
+        torch.layer_norm: lambda f: lambda x_: f(x_, [5], lw, lb, 1e-5, False),
+        torch.group_norm: lambda f: lambda x_: f(x_, 3, w, b, eps=1e-4),
+        torch.batch_norm: lambda f: lambda x_: f(x_, w, b, mean.clone(), var.clone(), False, 0.1, 1e-5, False),
+        torch.instance_norm: lambda f: lambda x_: f(x_, w, b, None, None, True, 0.1, 1e-5, False),
+    }
+    for fn, build in cases.items():
+        _same_jvp(fn, build, (x,), (dx,))
+
+
 def test_half_precision_normalisation_is_computed_in_float32():
     g = _g(8)
     x = torch.randn(3, 64, generator=g, dtype=torch.float32) * 50 + 1000
@@ -225,28 +242,40 @@ def test_drop_zero_products_removes_the_weight_tangent_products_and_keeps_the_jv
 
 
 def test_drop_zero_products_on_a_hand_written_graph():
-    """``a + 0 -> a``, ``addmm(c, a, 0) -> c``; a zero that cannot be dropped (other strides) stays."""
+    """``a + 0 -> a``, ``addmm(c, a, 0) -> c``; kept: a zero add of other strides, and a rewire onto an input (a
+    later in-place write to the input would reach the output)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     aten = torch.ops.aten
     mode = FakeTensorMode()
-    graph = torch.fx.Graph()
-    a, c = graph.placeholder("a"), graph.placeholder("c")
     with mode:
-        va, vc = torch.empty(4, 3), torch.empty(4, 3)
-    a.meta["val"], c.meta["val"] = va, vc
+        val = torch.empty(4, 3)
+    graph = torch.fx.Graph()
+    a, c_in = graph.placeholder("a"), graph.placeholder("c")
+    a.meta["val"] = c_in.meta["val"] = val
+    c = graph.call_function(aten.mul.Tensor, (c_in, 2.0))
+    c.meta["val"] = val
     z = graph.call_function(aten.full.default, ([3, 3], 0))
     zt = graph.call_function(aten.permute.default, (z, [1, 0]))
     mm = graph.call_function(aten.addmm.default, (c, a, zt))
-    mm.meta["val"] = vc
+    mm.meta["val"] = val
     s = graph.call_function(aten.add.Tensor, (mm, graph.call_function(aten.zeros.default, ([4, 3],))))
-    s.meta["val"] = vc
+    s.meta["val"] = val
     wide = graph.call_function(aten.add.Tensor, (s, graph.call_function(aten.full.default, ([4, 3], 0))))
     with mode:
         wide.meta["val"] = torch.empty_strided((4, 3), (1, 4))  # other strides than its operand: kept
-    graph.output(wide)
+    onto_input = graph.call_function(aten.add.Tensor, (a, graph.call_function(aten.zeros.default, ([4, 3],))))
+    onto_input.meta["val"] = val
+    graph.output((wide, onto_input))
     DropZeroProducts()(graph)
     targets = [n.target for n in graph.nodes if n.op == "call_function"]
     assert aten.addmm.default not in targets
-    assert targets.count(aten.add.Tensor) == 1
-    assert DropZeroProducts().uuid() == DropZeroProducts().uuid()
+    assert targets.count(aten.add.Tensor) == 2  # the strided one and the one onto the input
+    assert graph.output_node().args[0][0].args[0] is c  # wide = c + 0, with the addmm and the first add gone
+
+
+def test_drop_zero_products_cache_key_names_the_class():
+    class Other(DropZeroProducts):
+        pass
+
+    assert DropZeroProducts().uuid() == DropZeroProducts().uuid() != Other().uuid()
