@@ -211,6 +211,48 @@ except ImportError:  # pragma: no cover - older torch: the class still works as 
     _PassBase = object  # type: ignore[assignment,misc]
 
 
+def _materialise_written_zeros(graph: torch.fx.Graph) -> None:
+    """Replace by ``full(shape, 0)`` the zeros that PyTorch's traced formulas leave which the compiler mishandles.
+
+    Two torch 2.13 compiler faults in JVP graphs: a scatter (``index_put``, ``index_copy`` ...) onto an expanded
+    zero (the zero tangent of a tensor written into) writes into the one-element buffer, so every entry comes out
+    as one of the written values (a wrong du/dt); and an ``_efficientzerotensor`` scaled by ``addmm(beta != 1)`` or
+    ``addcmul(value != 1)`` is written into although it has no storage (a crash). A materialised zero is correct.
+    """
+    aten = torch.ops.aten
+    writers = {aten.index_put.default, aten.index_copy.default, aten.index_add.default, aten.scatter.src,
+               aten.scatter.value, aten.scatter_add.default, aten.scatter_reduce.two, aten.masked_scatter.default,
+               aten.slice_scatter.default, aten.select_scatter.default, aten.diagonal_scatter.default,
+               aten.as_strided_scatter.default}  # fmt: skip
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        base = node.args[0] if node.args else None
+        if node.target is aten._efficientzerotensor.default:
+            kwargs = dict(node.kwargs)
+        elif (
+            node.target is aten.expand.default
+            and isinstance(base, torch.fx.Node)
+            and base.target is aten.full.default
+            and base.args[1] == 0
+            and any(u.target in writers and u.args and u.args[0] is node for u in node.users)
+        ):
+            kwargs = dict(base.kwargs)
+        else:
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, Tensor):
+            continue
+        kwargs.update(dtype=val.dtype, device=val.device, pin_memory=False)
+        kwargs.pop("layout", None)
+        with graph.inserting_before(node):
+            full = graph.call_function(aten.full.default, (list(val.shape), 0), kwargs)
+        full.meta = dict(node.meta)
+        full.meta["val"] = torch.empty_like(val, memory_format=torch.contiguous_format)  # a fake tensor, no data
+        node.replace_all_uses_with(full)
+        graph.erase_node(node)
+
+
 class DropZeroProducts(_PassBase):
     r"""Compiler pass: remove products with a materialised zero and additions of a zero (``post_grad_custom_pre_pass``).
 
@@ -218,8 +260,10 @@ class DropZeroProducts(_PassBase):
     :math:`\dot b + \dot x W^\top + x \dot W^\top`; traced, the weight's missing tangent becomes a zero tensor
     and :math:`x \cdot 0` a real matrix product (likewise ``conv(x, 0)`` for a convolution). The pass marks the
     zero tensors (``full(..., 0)``, ``zeros`` and their views), the products and convolutions that take one, and
-    replaces ``a + 0`` and ``addmm(c, a, 0)`` by ``a`` and ``c`` where shape, dtype and strides agree; the dead
-    products are then dropped. Exact for finite values (``x @ 0`` is 0 unless ``x`` holds an infinity or a NaN).
+    replaces ``a + 0`` and ``addmm(c, a, 0)`` by ``a`` and ``c`` where shape, dtype and strides agree (never by a
+    graph input); the dead products are then dropped. First, the zeros the compiler mishandles (written into by a
+    scatter, ``_efficientzerotensor``) are materialised. Exact for finite values (``x @ 0`` is 0 unless ``x``
+    holds an infinity or a NaN).
 
     The engine applies it to the JVP regions it compiles; a user compiling a whole training step can pass it too:
     ``torch.compile(step, options={"post_grad_custom_pre_pass": DropZeroProducts()})``.
@@ -231,6 +275,7 @@ class DropZeroProducts(_PassBase):
         views = {aten.expand.default, aten.view.default, aten.reshape.default, aten.permute.default, aten.t.default,
                  aten.transpose.int, aten.unsqueeze.default, aten.squeeze.dim, aten.clone.default,
                  aten.alias.default, aten._unsafe_view.default}  # fmt: skip
+        _materialise_written_zeros(graph)
         zero: set[torch.fx.Node] = set()
 
         def is_zero(a: Any) -> bool:

@@ -212,11 +212,35 @@ class TorchAttentionNet(nn.Module):
         return self.enc(self.mha(h, h, h, need_weights=False)[0])
 
 
+class ScatterNet(nn.Module):
+    """Tokens scattered into a learned canvas (``index_copy``), ``addmm`` with ``beta != 1`` and ``addcmul`` with
+    ``value != 1`` on tangent-free operands: a wrong du/dt and a crash in torch 2.13's compiler before the zeros
+    of those formulas were materialised (:class:`~meanflow_losses.traced_jvp.DropZeroProducts`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.canvas = nn.Linear(8, 8), nn.Parameter(torch.randn(12, 8))
+        self.c, self.w = nn.Parameter(torch.randn(8)), nn.Parameter(torch.randn(8, 8))
+        self.register_buffer("idx", torch.tensor([0, 3, 5, 6, 9, 11]))
+
+    def forward(self, z, r, t):  # z: (B, 6, 8)
+        h = self.lin(z * (1 + t[:, None, None]) + (t - r)[:, None, None])
+        full = self.canvas.expand(z.shape[0], 12, 8).index_copy(1, self.idx, h)
+        h = (full[:, ::2] + full[:, 1::2]).reshape(-1, 8)
+        h = torch.addmm(self.c, h, self.w * (1 + t.mean()), beta=0.5, alpha=2.0)
+        return torch.addcmul(self.c, h, h, value=0.5).reshape(z.shape)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("make", "shape"),
-    [(NormNet, (3, 4, 4, 4)), (MaskedAttentionNet, (2, 20, 8)), (TorchAttentionNet, (2, 5, 8))],
-    ids=["norms", "attention", "torch_attention"],
+    [
+        (NormNet, (3, 4, 4, 4)),
+        (MaskedAttentionNet, (2, 20, 8)),
+        (TorchAttentionNet, (2, 5, 8)),
+        (ScatterNet, (2, 6, 8)),
+    ],
+    ids=["norms", "attention", "torch_attention", "scatter"],
 )
 def test_compiled_dudt_through_affine_norms_masks_and_query_blocks(make, shape, monkeypatch):
     """A compiled network with these layers gets the eager du/dt (these compiles failed with a fake-tensor error)."""
