@@ -40,12 +40,13 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
+from meanflow_losses._dtypes import is_half, upcast
 from meanflow_losses._validate import _values_on, compiling
 from meanflow_losses.conditioning import Conditioning
 from meanflow_losses.conventions import append_dims
 from meanflow_losses.forward_ad import eager_module, forward_ad_context, no_mha_fastpath
 from meanflow_losses.jvp_attention import JVPAttention
-from meanflow_losses.passes import call, modules_of, preserve_buffers, same_randomness
+from meanflow_losses.passes import call, layers_where, preserve_buffers, same_randomness
 from meanflow_losses.traced_jvp import DropZeroProducts
 
 __all__ = [
@@ -61,7 +62,6 @@ __all__ = [
 
 JVPStrategy = Literal["nograd", "joint", "finite_difference"]
 JVP_STRATEGIES: tuple[str, ...] = ("nograd", "joint", "finite_difference")
-_HALF = (torch.float16, torch.bfloat16)
 
 
 class MissingTangentError(RuntimeError):
@@ -147,21 +147,19 @@ def finite_difference_points(r: Tensor, t: Tensor, eps: float) -> tuple[Tensor, 
 def _has_half_weights(model: Any) -> bool:
     if not isinstance(model, nn.Module):
         return False
-    return any(p.dtype in _HALF for p in model.parameters()) or any(b.dtype in _HALF for b in model.buffers())
+    return any(is_half(p) for p in model.parameters()) or any(is_half(b) for b in model.buffers())
 
 
 def half_plain_function(model: Any, z: Tensor) -> bool:
     """Whether a JVP with ``fp32=True`` still runs in half precision: half inputs, no autocast, not a Module."""
-    return z.dtype in _HALF and not isinstance(model, nn.Module) and not torch.is_autocast_enabled(z.device.type)
+    return is_half(z) and not isinstance(model, nn.Module) and not torch.is_autocast_enabled(z.device.type)
 
 
 def float32_view(model: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """``model`` evaluated with float32 copies of its half-precision parameters and buffers (differentiable)."""
     if not isinstance(model, nn.Module):
         return model
-    tensors = {
-        name: (v.float() if v.dtype in _HALF else v) for name, v in [*model.named_parameters(), *model.named_buffers()]
-    }
+    tensors = {name: upcast(v) for name, v in [*model.named_parameters(), *model.named_buffers()]}
 
     def run(z: Tensor, r: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
         return torch.func.functional_call(model, tensors, (z, r, t), kwargs, strict=False)
@@ -232,7 +230,7 @@ def time_derivative(
     with jvp_context(z.device.type, fp32=fp32, math_attention=use_routes, attention=attention) as autocast_off:
         half_weights = fp32 and _has_half_weights(model)
         if autocast_off or half_weights:
-            z_in, tan_in, r_in, t_in = (a.float() if a.dtype in _HALF else a for a in (z_in, tan_in, r_in, t_in))
+            z_in, tan_in, r_in, t_in = (upcast(a) for a in (z_in, tan_in, r_in, t_in))
         fn = float32_view(model) if half_weights else model
         if use_routes:
             fn = eager_module(fn)
@@ -302,12 +300,7 @@ def _counts_batches(m: nn.Module) -> bool:
 
 def _counting_batch_norms(model: Any) -> list[str]:
     """Names of the layers of ``model`` (or of the modules it wraps) that :func:`_counts_batches`."""
-    return [
-        name or type(m).__name__
-        for module in modules_of(model)
-        for name, m in module.named_modules()
-        if _counts_batches(m)
-    ]
+    return layers_where(model, _counts_batches)
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from meanflow_losses._dtypes import is_half, upcast
 from meanflow_losses._validate import check_batch, check_model_kwargs, check_real, compiling
 from meanflow_losses.adapters import check_protocol
 from meanflow_losses.conditioning import Conditioning
@@ -179,8 +180,7 @@ def probe_time_derivative(
     """
     cond = cond if isinstance(cond, Conditioning) else Conditioning.from_kwargs(cond, z.shape[0])
     dev, engine_dtype = z.device, z.dtype
-    half = (torch.float16, torch.bfloat16)
-    z32, r32, t32, tan32 = (a.float() if a.dtype in half else a for a in (z, r, t, tangent))
+    z32, r32, t32, tan32 = (upcast(a) for a in (z, r, t, tangent))
     zero = torch.zeros_like(tan32)
     plain = float32_view(model) if _has_half_weights(model) else model  # the network as the JVP evaluates it
 
@@ -336,7 +336,7 @@ def findings_from_probe(res: ProbeResult, strategy: str) -> list[Finding]:
             )
         )
     if strategy == "finite_difference" and math.isfinite(res.fd_rel_error) and res.fd_rel_error > MISMATCH:
-        if res.dtype in (torch.float16, torch.bfloat16):
+        if is_half(res.dtype):
             why = (
                 f"it runs in {res.dtype} (no autocast, a network that is not an nn.Module with half weights), where "
                 "a difference quotient loses most digits. Train under torch.autocast (the JVP then runs in float32) "

@@ -27,7 +27,16 @@ from torch import Tensor, nn
 from meanflow_losses._validate import check_model_output, compiling
 from meanflow_losses.conditioning import Conditioning
 
-__all__ = ["batch_stat_layers", "call", "modules_of", "no_grad_call", "preserve_buffers", "reseed", "same_randomness"]
+__all__ = [
+    "batch_stat_layers",
+    "call",
+    "layers_where",
+    "modules_of",
+    "no_grad_call",
+    "preserve_buffers",
+    "reseed",
+    "same_randomness",
+]
 
 _BINDING_ERROR = re.compile(
     r"got multiple values for argument|missing \d+ required (positional|keyword-only) argument|"
@@ -205,9 +214,16 @@ def batch_stat_layers(model: Any) -> list[str]:
     output for one row depends on the other rows of the same call, so a pass on a sub-batch computes another
     function than the gradient forward.
     """
+    return layers_where(
+        model, lambda m: isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats)
+    )
+
+
+def layers_where(model: Any, predicate: Callable[[nn.Module], bool]) -> list[str]:
+    """Names of the layers of ``model`` (or of the modules it wraps, see :func:`modules_of`) with ``predicate``.
+
+    A layer is named by its path in its module (its class name for the module itself).
+    """
     return [
-        name or type(m).__name__
-        for module in modules_of(model)
-        for name, m in module.named_modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats)
+        name or type(m).__name__ for module in modules_of(model) for name, m in module.named_modules() if predicate(m)
     ]

@@ -52,6 +52,8 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor
 
+from meanflow_losses._dtypes import upcast
+
 __all__ = ["TANGENT_RULES"]
 
 Handler = Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
@@ -169,6 +171,7 @@ def _normalised_from(xhat: Tensor, rstd: Tensor, dx: Tensor, dims: tuple[int, ..
 
 
 def _channel(p: Tensor, ndim: int) -> Tensor:
+    """A per-channel vector ``(C,)`` shaped to broadcast over ``(N, C, *)``."""
     return p.reshape(1, -1, *([1] * (ndim - 2)))
 
 
@@ -236,16 +239,12 @@ def _rms_norm(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
     out = func(xp, shape, w, eps)  # the network's own call (and its errors, e.g. an int normalized_shape)
     dims = tuple(range(-len(tuple(shape)), 0))
     with torch.no_grad():  # in float32 at least, with that type's eps by default, as PyTorch's own kernel
-        xf, df = _upcast(xp), _upcast(dx)
+        xf, df = upcast(xp), upcast(dx)
         e = torch.finfo(xf.dtype).eps if eps is None else eps
         rstd = torch.rsqrt(xf.square().mean(dims, keepdim=True) + e)
         tan = (df - xf * (rstd * rstd) * (xf * df).mean(dims, keepdim=True)) * rstd
         tan = tan if w is None else tan * w
     return _pair(out, tan)
-
-
-def _upcast(x: Tensor) -> Tensor:
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _linear(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

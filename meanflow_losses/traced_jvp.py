@@ -39,23 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from meanflow_losses._dtypes import upcast
 from meanflow_losses.jvp_attention import DEFAULT_BLOCK
+from meanflow_losses.tangent_rules import _bind, _channel
 
 __all__ = ["QUERY_BLOCK", "TRACED_ROUTES", "DropZeroProducts"]
 
-_HALF = (torch.float16, torch.bfloat16)
 #: Query rows per block of the traced attention (read when a JVP is traced).
 QUERY_BLOCK = DEFAULT_BLOCK
-
-
-def _bind(names: tuple[str, ...], defaults: dict[str, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> list:
-    bound = {**defaults, **dict(zip(names, args, strict=False)), **kwargs}
-    return [bound[n] for n in names]
-
-
-def _channel(p: Tensor, ndim: int) -> Tensor:
-    """A per-channel vector ``(C,)`` shaped to broadcast over ``(N, C, *)``."""
-    return p.reshape(1, -1, *([1] * (ndim - 2)))
 
 
 def _normalise(x: Tensor, dims: tuple[int, ...], eps: float) -> Tensor:
@@ -71,22 +62,18 @@ def _affine(y: Tensor, w: Tensor | None, b: Tensor | None, shape: Callable[[Tens
     return y if b is None else y + shape(b)
 
 
-def _opmath(x: Tensor) -> Tensor:
-    return x.float() if x.dtype in _HALF else x
-
-
 def _layer_norm(func: Callable[..., Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
     names = ("input", "normalized_shape", "weight", "bias", "eps")
     x, shape, w, b, eps = _bind(names, {"weight": None, "bias": None, "eps": 1e-5}, args, kwargs)
     n = len(shape) if isinstance(shape, (tuple, list, torch.Size)) else 1
-    y = _normalise(_opmath(x), tuple(range(-n, 0)), eps)
+    y = _normalise(upcast(x), tuple(range(-n, 0)), eps)
     return _affine(y, w, b, lambda p: p).to(x.dtype)
 
 
 def _group_norm(func: Callable[..., Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
     names = ("input", "num_groups", "weight", "bias", "eps")
     x, groups, w, b, eps = _bind(names, {"weight": None, "bias": None, "eps": 1e-5}, args, kwargs)
-    xg = _opmath(x).reshape(x.shape[0], groups, -1)
+    xg = upcast(x).reshape(x.shape[0], groups, -1)
     y = _normalise(xg, (2,), eps).reshape(x.shape)
     return _affine(y, w, b, lambda p: _channel(p, x.ndim)).to(x.dtype)
 
@@ -96,7 +83,7 @@ def _statistics_norm(
     input_stats: bool, dims: tuple[int, ...], eps: float,
 ) -> Tensor:  # fmt: skip
     """BatchNorm / InstanceNorm: over ``dims`` with the input's statistics, else with the running ones."""
-    xf = _opmath(x)
+    xf = upcast(x)
     if input_stats:
         y = _normalise(xf, dims, eps)
     else:

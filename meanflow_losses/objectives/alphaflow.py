@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from meanflow_losses._dtypes import upcast
 from meanflow_losses._validate import check_bool, check_real
 from meanflow_losses.conventions import append_dims
 from meanflow_losses.guidance import GuidanceAsInput, TrainingGuidance
@@ -48,7 +49,6 @@ from meanflow_losses.objectives.base import (
     check_times_sampler,
     check_weighting,
     start_step,
-    upcast,
     weigh,
 )
 from meanflow_losses.objectives.meanflow import MeanFlowLoss, decomposition_terms

@@ -389,11 +389,6 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return torch.where(n > 0, (values * mask).sum() / n.clamp_min(1), values.new_zeros(()))
 
 
-def upcast(x: Tensor) -> Tensor:
-    """Cast half-precision tensors to float32 for the loss arithmetic; leave float32/float64 alone."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
 def check_uses_r(model: Any, target_model: Any, gb: GuidedBatch, objective: str) -> None:
     """Refuse a network that ignores ``r`` when the batch has rows with ``r != t``.
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from meanflow_losses._dtypes import upcast
 from meanflow_losses.guidance import GuidanceAsInput, TrainingGuidance
 from meanflow_losses.model_checks import RuntimeChecks
 from meanflow_losses.objectives.base import (
@@ -27,7 +28,6 @@ from meanflow_losses.objectives.base import (
     check_times_sampler,
     check_weighting,
     start_step,
-    upcast,
     weigh,
 )
 from meanflow_losses.passes import call

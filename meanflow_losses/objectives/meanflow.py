@@ -36,6 +36,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from meanflow_losses._dtypes import upcast
 from meanflow_losses._validate import check_bool, check_real
 from meanflow_losses.conventions import append_dims
 from meanflow_losses.guidance import GuidanceAsInput, TrainingGuidance
@@ -54,7 +55,6 @@ from meanflow_losses.objectives.base import (
     check_weighting,
     rows,
     start_step,
-    upcast,
     weigh,
 )
 from meanflow_losses.passes import batch_stat_layers, call, no_grad_call

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from meanflow_losses._dtypes import upcast
 from meanflow_losses._validate import _values_on, check_batch, check_int, check_real
 from meanflow_losses.conventions import append_dims
 from meanflow_losses.guidance import GuidanceAsInput, TrainingGuidance
@@ -46,7 +47,6 @@ from meanflow_losses.objectives.base import (
     check_weighting,
     masked_mean,
     start_step,
-    upcast,
     weigh,
 )
 from meanflow_losses.passes import call, no_grad_call
