@@ -14,7 +14,8 @@ What it measures:
 2. A profiler check that the GRADIENT forward of a MeanFlow step uses a fused attention kernel (flash,
    memory-efficient or cuDNN; on the CPU the flash-for-CPU kernel), while the JVP runs on its own route.
 3. The JVP of one attention call at DiT-B/2's head shape (12 heads x 64) for several token counts: time, peak memory
-   and error against forward AD through the math backend, for ``blockwise`` and (when installed) ``flash``.
+   and error against forward AD through the math backend, for ``blockwise``, (when installed) ``flash`` and, at the
+   largest size, the compiled JVP region a ``torch.compile``-d network gets.
 """
 
 from __future__ import annotations
@@ -181,14 +182,17 @@ def attention_variants(args, device: torch.device) -> dict:
     tokens = (64, 256) if args.tiny else (256, 1024, 4096)
     heads, dim = (2, 16) if args.tiny else (12, 64)
     for n in tokens:
-        res = attention_section(str(device), n, heads, dim, 1 if args.tiny else 5)
+        # the compiled JVP region (what a torch.compile-d network gets) at the largest size only: one compilation
+        compiled = args.compile and n == tokens[-1]
+        res = attention_section(str(device), n, heads, dim, 1 if args.tiny else 5, compiled=compiled)
         out[str(n)] = res
         print(f"\n[attention JVP, {n} tokens, {heads} heads x {dim}]")
         for v, rec in res.items():
+            peak = "n/a" if rec["peak_bytes"] is None else f"{rec['peak_bytes'] / 2**20:8.1f} MiB"
+            mem = "n/a" if rec["mem_x_math"] is None else f"{rec['mem_x_math']:6.3f}"
             print(
                 f"  {v:<10} {rec['ms']:8.2f} ms  time x math {rec['time_x_math']:5.2f}  "
-                f"peak {rec['peak_bytes'] / 2**20:8.1f} MiB  mem x math {rec['mem_x_math']:6.3f}  "
-                f"rel err {rec['rel_err']:.1e}"
+                f"peak {peak}  mem x math {mem}  rel err {rec['rel_err']:.1e}"
             )
     return out
 

@@ -179,40 +179,116 @@ def run_network(name: str, methods: list[str], compiled: bool, device: str, roun
     return out
 
 
-def attention_section(device: str, tokens: int, heads: int, dim: int, rounds: int) -> dict:
-    """Memory and time of the JVP of one attention call: blockwise (and flash) against the math backend."""
+class SelfAttention(torch.nn.Module):
+    """``model(z, r, t) = SDPA(z, z, z)``: its du/dt along ``(dz, 0, 1)`` is the attention JVP along ``dz``."""
+
+    def forward(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(z, z, z)
+
+
+def _attention_inputs(device: str, tokens: int, heads: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(1, heads, tokens, dim, generator=g, device=device)
+    return q, torch.randn(q.shape, generator=g, device=device)
+
+
+def attention_jvp(variant: str, q: torch.Tensor, dq: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """The tangent of ``SDPA(q, q, q)`` along ``dq``: eager forward AD through the route ``variant``, or
+    (``"compiled"``) du/dt of a ``torch.compile``-d :class:`SelfAttention`, the engine's compiled JVP region."""
     import torch.autograd.forward_ad as fwAD
     import torch.nn.functional as F
 
     from meanflow_losses.forward_ad import forward_ad_context
+    from meanflow_losses.jvp import time_derivative
 
-    g = torch.Generator(device=device).manual_seed(0)
-    q = torch.randn(1, heads, tokens, dim, generator=g, device=device)
-    dq = torch.randn(q.shape, generator=g, device=device)
+    if variant == "compiled":
+        net, r, t = torch.compile(SelfAttention()), q.new_zeros(1), q.new_ones(1)
+        return lambda: time_derivative(net, q, r, t, dq).dudt
 
-    def run(attention: str) -> torch.Tensor:
-        with torch.no_grad(), fwAD.dual_level(), forward_ad_context(attention):
+    def run() -> torch.Tensor:
+        with torch.no_grad(), fwAD.dual_level(), forward_ad_context(variant):
             out = F.scaled_dot_product_attention(*(fwAD.make_dual(q, dq) for _ in range(3)))
             return fwAD.unpack_dual(out)[1]
 
+    return run
+
+
+def peak_rss_bytes(variant: str, tokens: int, heads: int, dim: int, block: int | None = None) -> int | None:
+    """Peak resident memory one attention JVP adds, measured in a child process (Linux; else ``None``).
+
+    Compiled code cannot run under the dispatch mode that counts tensors on the CPU, so the child warms the
+    variant up (compiling it), resets the kernel's peak-RSS mark (``/proc/self/clear_refs``), runs it once and
+    reports ``VmHWM - VmRSS``. ``MALLOC_MMAP_THRESHOLD_`` makes every large tensor its own mapping, returned on
+    free, so the mark sees each JVP's own peak. ``block`` overrides the traced attention's query block.
+    """
+    import subprocess
+
+    if not os.path.exists("/proc/self/clear_refs"):
+        return None
+    cmd = [sys.executable, os.path.abspath(__file__), "--attention-child", variant, str(tokens), str(heads), str(dim)]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    if block is not None:
+        env["MFL_QUERY_BLOCK"] = str(block)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1])
+
+
+def _attention_child(variant: str, tokens: int, heads: int, dim: int) -> None:
+    import meanflow_losses.traced_jvp
+
+    if "MFL_QUERY_BLOCK" in os.environ:
+        meanflow_losses.traced_jvp.QUERY_BLOCK = int(os.environ["MFL_QUERY_BLOCK"])
+
+    def status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+    run = attention_jvp(variant, *_attention_inputs("cpu", tokens, heads, dim))
+    run(), run()  # warm-up (and compilation)
+    base = status("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS mark
+    run()
+    print(status("VmHWM:") - base)
+
+
+def attention_section(device: str, tokens: int, heads: int, dim: int, rounds: int, compiled: bool = False) -> dict:
+    """Memory and time of the JVP of one attention call: blockwise (and flash; with ``compiled``, the compiled JVP
+    region) against the math backend.
+
+    Peak memory: the CUDA allocator's, or on the CPU the tensors the JVP creates (a dispatch mode); the compiled
+    variant's on the CPU is the resident memory it adds (:func:`peak_rss_bytes`), against the math backend's
+    measured the same way (``mem_x_math``; ``peak_how`` says which).
+    """
+    q, dq = _attention_inputs(device, tokens, heads, dim)
     variants = ["math", "blockwise"] + (["flash"] if device.startswith("cuda") else [])
-    ref = run("math").double()
+    variants += ["compiled"] if compiled else []
+    runs = {a: attention_jvp(a, q, dq) for a in variants}
+    ref = runs["math"]().double()
     res = {}
     for a in variants:
-        res[a] = {"rel_err": float((run(a).double() - ref).norm() / ref.norm())}
-        res[a]["peak_bytes"] = peak_bytes(lambda a=a: run(a), device)
+        res[a] = {"rel_err": float((runs[a]().double() - ref).norm() / ref.norm())}
+        if a == "compiled" and not device.startswith("cuda"):
+            rss = peak_rss_bytes("compiled", tokens, heads, dim), peak_rss_bytes("math", tokens, heads, dim)
+            res[a]["peak_bytes"] = rss[0]
+            res[a]["peak_how"] = "rss"
+            res[a]["mem_x_math"] = None if None in rss else rss[0] / rss[1]
+        else:
+            res[a]["peak_bytes"] = peak_bytes(runs[a], device)
+            res[a]["peak_how"] = "allocator" if device.startswith("cuda") else "tensors"
     times = {a: [] for a in variants}
     for _ in range(rounds):
         for a in variants:
             _sync(device)
             t0 = time.perf_counter()
-            run(a)
+            runs[a]()
             _sync(device)
             times[a].append(time.perf_counter() - t0)
     for a in variants:
         res[a]["ms"] = 1e3 * statistics.median(times[a])
         res[a]["time_x_math"] = statistics.median([x / y for x, y in zip(times[a], times["math"], strict=True)])
-        res[a]["mem_x_math"] = res[a]["peak_bytes"] / res["math"]["peak_bytes"]
+        if "mem_x_math" not in res[a]:
+            res[a]["mem_x_math"] = res[a]["peak_bytes"] / res["math"]["peak_bytes"]
     return res
 
 
@@ -244,6 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (the median of per-round ratios)")
     p.add_argument("--per-round", type=int, default=3, help="steps per method per round")
     p.add_argument("--attention", action="store_true", help="also the attention-JVP section")
+    p.add_argument("--attention-child", nargs=4, default=None, help=argparse.SUPPRESS)  # see peak_rss_bytes
     p.add_argument("--tokens", type=int, default=4096, help="tokens of the attention section")
     p.add_argument("--tiny", action="store_true", help="tiny batches, one round: a smoke run for CI")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
@@ -252,6 +329,10 @@ def main(argv: list[str] | None = None) -> dict:
                    help="time steps by the wall clock or by this process's CPU time (CPU only: immune to a "
                    "virtual machine's stolen time; use with --threads 1)")  # fmt: skip
     a = p.parse_args(argv)
+    if a.attention_child:
+        variant, *sizes = a.attention_child
+        _attention_child(variant, *map(int, sizes))
+        return {}
     if a.threads is not None:
         torch.set_num_threads(a.threads)
     clock = time.process_time if a.clock == "cpu" else time.perf_counter  # CPU time: immune to stolen time
@@ -270,13 +351,15 @@ def main(argv: list[str] | None = None) -> dict:
             print_table(name, compiled, res)
     if a.attention:
         tokens, heads, dim = (256, 1, 16) if a.tiny else (a.tokens, 2, 64)
-        att = attention_section(a.device, tokens, heads, dim, 1 if a.tiny else 5)
+        att = attention_section(a.device, tokens, heads, dim, 1 if a.tiny else 5, compiled=a.compile != "none")
         results["attention"] = att
         print(f"\n[attention JVP, {tokens} tokens, {heads} heads, head dim {dim}]")
-        print(f"{'variant':<12}{'ms':>10}{'time x math':>13}{'peak MiB':>10}{'mem x math':>12}{'rel err':>10}")
+        print(f"{'variant':<12}{'ms':>10}{'time x math':>13}{'peak MiB':>10}{'mem x math':>12}{'rel err':>10}  peak of")
         for v, rec in att.items():
-            print(f"{v:<12}{rec['ms']:>10.1f}{rec['time_x_math']:>13.2f}{rec['peak_bytes'] / 2**20:>10.1f}"
-                  f"{rec['mem_x_math']:>12.3f}{rec['rel_err']:>10.1e}")  # fmt: skip
+            peak = "n/a" if rec["peak_bytes"] is None else f"{rec['peak_bytes'] / 2**20:.1f}"
+            mem = "n/a" if rec["mem_x_math"] is None else f"{rec['mem_x_math']:.3f}"
+            print(f"{v:<12}{rec['ms']:>10.1f}{rec['time_x_math']:>13.2f}{peak:>10}{mem:>12}{rec['rel_err']:>10.1e}"
+                  f"  {rec['peak_how']}")  # fmt: skip
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=2)
