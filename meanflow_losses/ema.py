@@ -58,10 +58,21 @@ def _device_weight(half_life_steps: float, warmup_ratio: float, num_averaged: Te
     return (1.0 - beta).reshape(())
 
 
+def _averaged(p: Tensor) -> bool:
+    """Whether a tensor is averaged (floating and complex ones) or copied from the model.
+
+    Integer and bool tensors (BatchNorm's ``num_batches_tracked``, index tables) are copied: an average of
+    integers truncates towards the old value (at a decay of 0.9999 a counter would never move).
+    """
+    return p.is_floating_point() or p.is_complex()
+
+
 def ema_avg_fn(
     half_life_steps: float, *, warmup_ratio: float | None = None
 ) -> Callable[[Tensor, Tensor, Tensor | int], Tensor]:
     r"""``avg_fn`` for ``AveragedModel``: :math:`\bar\theta \leftarrow \beta_n \bar\theta + (1 - \beta_n)\theta`.
+
+    Integer and bool tensors are copied from the model (an average of integers truncates).
 
     Args:
         half_life_steps: Half-life :math:`h` in updates.
@@ -73,6 +84,8 @@ def ema_avg_fn(
     _check(half_life_steps, warmup_ratio)
 
     def avg_fn(averaged_param: Tensor, model_param: Tensor, num_averaged: Tensor | int) -> Tensor:
+        if not _averaged(averaged_param):
+            return model_param.detach().clone()  # a counter or an index table: copied (see _averaged)
         beta = ema_decay(half_life_steps, int(num_averaged), warmup_ratio)
         return averaged_param + (1.0 - beta) * (model_param - averaged_param)
 
@@ -84,7 +97,8 @@ def ema_multi_avg_fn(
 ) -> Callable[[list[Tensor], list[Tensor], Tensor | int], None]:
     r"""``multi_avg_fn`` for ``AveragedModel`` (in place, with ``torch._foreach_lerp_`` on float tensors).
 
-    Same update as :func:`ema_avg_fn`, applied to a whole group of parameters at once.
+    Same update as :func:`ema_avg_fn`, applied to a whole group of parameters at once; integer and bool tensors
+    (with ``use_buffers=True``: BatchNorm's ``num_batches_tracked``) are copied from the model, not averaged.
 
     Args:
         half_life_steps: Half-life :math:`h` in updates.
@@ -97,6 +111,12 @@ def ema_multi_avg_fn(
 
     @torch.no_grad()
     def multi_avg_fn(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor | int) -> None:
+        kept = [i for i, p in enumerate(averaged) if not _averaged(p)]
+        for i in kept:
+            averaged[i].copy_(current[i])  # a counter or an index table: copied (see _averaged)
+        if kept:
+            averaged = [p for i, p in enumerate(averaged) if i not in kept]
+            current = [p for i, p in enumerate(current) if i not in kept]
         if not averaged:
             return
         if isinstance(num_averaged, Tensor) and warmup_ratio is not None:
@@ -111,10 +131,6 @@ def ema_multi_avg_fn(
         else:
             n = 0 if warmup_ratio is None else int(num_averaged)  # the decay does not depend on n without warm-up
             weight = 1.0 - ema_decay(half_life_steps, n, warmup_ratio)
-        if all(p.is_floating_point() or p.is_complex() for p in averaged):
-            torch._foreach_lerp_(averaged, current, weight)
-        else:
-            for p_avg, p_cur in zip(averaged, current, strict=True):
-                p_avg.copy_(p_avg + weight * (p_cur - p_avg))
+        torch._foreach_lerp_(averaged, current, weight)
 
     return multi_avg_fn
