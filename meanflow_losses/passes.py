@@ -95,6 +95,17 @@ def call(
                 "(e.g. the r != t rows). Use more rows, BatchNorm in eval mode, or GroupNorm/LayerNorm"
             ) from err
         raise
+    except IndexError as err:
+        kwargs = _kwargs(cond)
+        labels = [k for k, v in kwargs.items() if isinstance(v, Tensor) and not v.is_floating_point()]
+        if "index out of range" in str(err) and labels:
+            raise IndexError(
+                f"{who}(z, r, t, **model_kwargs) failed: {err}. model_kwargs has integer entries ({labels}): if "
+                "they are class labels and condition dropout or guidance replaces them by the null class "
+                "(mfl.null_class(n) uses the index n), the network needs an embedding row for it: nn.Embedding(n + 1, "
+                "dim)"
+            ) from err
+        raise
     return check_model_output(out, z, who=who)
 
 

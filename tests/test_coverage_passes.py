@@ -45,6 +45,38 @@ def test_call_reraises_other_value_errors_unchanged():
         call(model, *_zr())
 
 
+class _Labelled(nn.Module):
+    """A class-conditional net whose label table has no row for the null class ``n = 3``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.lin = nn.Embedding(3, 2), nn.Linear(2, 2)
+
+    def forward(self, z, r, t, y):
+        return self.lin(z) + self.emb(y) * (t - r)[:, None]
+
+
+def test_a_missing_null_class_row_is_named_with_its_fix():
+    """Condition dropout to ``mfl.null_class(3)`` on a net with ``nn.Embedding(3, dim)``: torch's bare "index out
+    of range" is re-raised with the cause and the fix, from the loss call itself."""
+    import meanflow_losses as mfl
+
+    torch.manual_seed(0)
+    guidance = mfl.TrainingGuidance(drop_prob=0.9, null_condition=mfl.null_class(3))
+    loss_fn = mfl.MeanFlowLoss(guidance=guidance)
+    with pytest.raises(
+        IndexError, match=r"in self\. model_kwargs has integer entries \(\['y'\]\).*nn\.Embedding\(n \+ 1, dim\)"
+    ):
+        loss_fn(_Labelled(), torch.randn(64, 2), model_kwargs={"y": torch.arange(64) % 3})
+
+    # without integer conditioning the error is the network's own
+    def model(z, r, t):
+        raise IndexError("index out of range in self")
+
+    with pytest.raises(IndexError, match=r"^index out of range in self$"):
+        call(model, *_zr())
+
+
 def test_modules_of_finds_modules_behind_partials_bound_methods_and_closures():
     lin, bn = nn.Linear(2, 2), nn.BatchNorm1d(2)
 
