@@ -188,7 +188,7 @@ def _blockwise(
     if enable_gqa:
         heads = q.shape[-3]
         k, v, dk, dv = _expand_gqa(k, heads), _expand_gqa(v, heads), _expand_gqa(dk, heads), _expand_gqa(dv, heads)
-    cdtype = torch.promote_types(q.dtype, torch.float32)
+    dtype, cdtype = q.dtype, torch.promote_types(q.dtype, torch.float32)  # SDPA's output dtype; the arithmetic's
     single = L <= block
     # contiguous once (a permuted or transposed operand would be copied by every matmul that reads it)
     q, dq = q.to(cdtype).contiguous(), (dq.to(cdtype).contiguous() if dq is not None else None)
@@ -232,7 +232,7 @@ def _blockwise(
             del pds
         pieces.append(tangent)
     if out is None:
-        out = (primal[0] if single else torch.cat(primal, dim=-2)).to(q.dtype)
+        out = (primal[0] if single else torch.cat(primal, dim=-2)).to(dtype)
     return out, (pieces[0] if single else torch.cat(pieces, dim=-2)).to(out.dtype)
 
 

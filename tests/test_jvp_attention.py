@@ -88,6 +88,18 @@ def test_dual_blockwise_primal_and_tangent_equal_the_math_backend(case, dtype, t
     assert rel(routed.tangent, ref) < tol and rel(routed.primal, primal_ref) < tol
 
 
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.bfloat16, 2e-2), (torch.float16, 3e-3)])
+@pytest.mark.parametrize("case", ["plain", "causal", "gqa"])
+def test_dual_blockwise_in_half_precision_returns_the_input_dtype(case, dtype, tol):
+    """Half inputs: the blocks compute in float32 and return SDPA's dtype (the primal came back in float32, so the
+    rest of a half network's JVP ran in float32 unlike its forward), equal to float32 math to half rounding."""
+    q, k, v, dq, dk, dv, kw = case_inputs(case, dtype, seed=3)
+    primal_ref, ref = jvp_of_sdpa("math", *(a.float() for a in (q, k, v, dq, dk, dv)), **kw)
+    primal, got = ja.attention_dual_blockwise(q, k, v, dq, dk, dv, block=7, **kw)
+    assert primal.dtype == got.dtype == dtype
+    assert rel(got, ref) < tol and rel(primal, primal_ref) < tol
+
+
 def test_missing_tangents_count_as_zero():
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 2, 16, 8, generator=g) for _ in range(3))
