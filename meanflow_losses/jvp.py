@@ -337,8 +337,8 @@ def _compiled_time_derivative() -> Callable[..., JVPResult]:
     The compiler pass :class:`~meanflow_losses.traced_jvp.DropZeroProducts` removes the products of the primal
     with the weights' zero tangents that PyTorch's traced formulas leave in. Inductor's locality reordering is off
     for this region: it moved every attention block's tangent product ``P_i dV`` after the last block, so all the
-    blocks' softmax matrices ``P_i`` stayed alive at once (N = 4096 tokens: 277 MiB against 43 MiB without it,
-    the math backend's 652 MiB; no slower on the benchmark networks). Static shapes (``dynamic=False``): the
+    blocks' softmax matrices ``P_i`` stayed alive at once (N = 4096 tokens: 272 MiB against 37.5 MiB without it,
+    the math backend's 644 MiB; no slower on the benchmark networks). Static shapes (``dynamic=False``): the
     number of ``r != t`` rows is fixed per batch size, so a new shape is a new, cached compilation.
     """
     if not _COMPILED:
