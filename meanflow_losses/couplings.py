@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from meanflow_losses._dtypes import compute_dtype
 from meanflow_losses._validate import check_batch, check_int, check_model_kwargs
 from meanflow_losses.conditioning import Conditioning
 from meanflow_losses.sampling import make_grid
@@ -304,7 +305,7 @@ def _velocity(teacher: Any, z: Tensor, t: float, tdtype: torch.dtype, cond: Cond
 
 
 def _integrate(teacher: Any, z: Tensor, times: list[float], solver: str, cond: Conditioning) -> Tensor:
-    tdtype = torch.promote_types(z.dtype, torch.float32)
+    tdtype = compute_dtype(z.dtype)
     for t_cur, t_next in itertools.pairwise(times):
         h = t_cur - t_next  # > 0: time runs from noise (1) to data (0), dz = -h v
         k1 = _velocity(teacher, z, t_cur, tdtype, cond)

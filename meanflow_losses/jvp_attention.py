@@ -40,6 +40,8 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor
 
+from meanflow_losses._dtypes import compute_dtype, is_half
+
 __all__ = [
     "JVP_ATTENTION",
     "JVPAttention",
@@ -188,7 +190,7 @@ def _blockwise(
     if enable_gqa:
         heads = q.shape[-3]
         k, v, dk, dv = _expand_gqa(k, heads), _expand_gqa(v, heads), _expand_gqa(dk, heads), _expand_gqa(dv, heads)
-    dtype, cdtype = q.dtype, torch.promote_types(q.dtype, torch.float32)  # SDPA's output dtype; the arithmetic's
+    dtype, cdtype = q.dtype, compute_dtype(q.dtype)  # SDPA's output dtype; the arithmetic's
     single = L <= block
     # contiguous once (a permuted or transposed operand would be copied by every matmul that reads it)
     q, dq = q.to(cdtype).contiguous(), (dq.to(cdtype).contiguous() if dq is not None else None)
@@ -295,7 +297,7 @@ def _flash_supported(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, 
         and q.shape[-2] == k.shape[-2]
         and q.shape[-3] == k.shape[-3] == v.shape[-3]
         and q.shape[-1] == k.shape[-1] == v.shape[-1]
-        and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and (is_half(q) or q.dtype == torch.float32)
         and (attn_mask is None or attn_mask.ndim <= 4)
     )
 

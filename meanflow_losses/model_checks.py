@@ -33,7 +33,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from meanflow_losses._dtypes import is_half, upcast
+from meanflow_losses._dtypes import compute_dtype, is_half, upcast
 from meanflow_losses._validate import check_batch, check_model_kwargs, check_real, compiling
 from meanflow_losses.adapters import check_protocol
 from meanflow_losses.conditioning import Conditioning
@@ -472,7 +472,7 @@ def check_model(
     n = min(rows, x.shape[0])
     cond = Conditioning.from_kwargs(kw, x.shape[0]).select(torch.arange(n, device=x.device))
     dev = generator.device if generator is not None else x.device
-    tdtype = torch.promote_types(x.dtype, torch.float32)
+    tdtype = compute_dtype(x.dtype)
     t = (0.1 + 0.8 * torch.rand(n, generator=generator, device=dev, dtype=torch.float64)).to(x.device, tdtype)
     r = t * (0.2 + 0.6 * torch.rand(n, generator=generator, device=dev, dtype=torch.float64)).to(x.device, tdtype)
     noise = torch.randn(x[:n].shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from meanflow_losses._dtypes import compute_dtype
 from meanflow_losses._validate import check_batch, check_model_kwargs
 from meanflow_losses.adapters import check_protocol
 from meanflow_losses.conventions import step as ode_step
@@ -97,7 +98,7 @@ def sample(
     if renoise is not None and len(renoise) != len(times) - 2:
         raise ValueError(f"renoise must hold {len(times) - 2} tensors (one per intermediate time), got {len(renoise)}")
     batch = noise.shape[0]
-    tdtype = torch.promote_types(noise.dtype, torch.float32)
+    tdtype = compute_dtype(noise.dtype)
     z = noise
     traj = [z]
     for n, (t_cur, t_next) in enumerate(itertools.pairwise(times)):

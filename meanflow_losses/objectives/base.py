@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from meanflow_losses._dtypes import compute_dtype
 from meanflow_losses._validate import (
     _values_on,
     check_batch,
@@ -179,7 +180,7 @@ def prepare_batch(
     if t is None and r is not None:
         raise ValueError("r was given without t: pass t as well (r <= t)")
     # times are drawn in at least float32: bf16 times would merge nearby r and t and distort t - r
-    tdtype = torch.promote_types(x.dtype, torch.float32)
+    tdtype = compute_dtype(x.dtype)
     if t is None:
         if isinstance(times, TimePairSampler) and pairs:
             pair = times.sample(batch, step=step, generator=generator, device=x.device, dtype=tdtype)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from meanflow_losses._dtypes import upcast
+from meanflow_losses._dtypes import compute_dtype, upcast
 from meanflow_losses._validate import _values_on, check_batch, check_int, check_real
 from meanflow_losses.conventions import append_dims
 from meanflow_losses.guidance import GuidanceAsInput, TrainingGuidance
@@ -216,7 +216,7 @@ class SplitMeanFlowLoss:
                 step=step,
                 generator=generator,
                 device=x.device,
-                dtype=torch.promote_types(x.dtype, torch.float32),
+                dtype=compute_dtype(x.dtype),
             )
             t, r, rows_drawn = pair.t, pair.r, pair.interval_rows
         gb = start_step(
