@@ -221,16 +221,22 @@ def peak_rss_bytes(variant: str, tokens: int, heads: int, dim: int, block: int |
     reports ``VmHWM - VmRSS``. ``MALLOC_MMAP_THRESHOLD_`` makes every large tensor its own mapping, returned on
     free, so the mark sees each JVP's own peak. ``block`` overrides the traced attention's query block.
     """
+    import re
     import subprocess
 
     if not os.path.exists("/proc/self/clear_refs"):
         return None
     cmd = [sys.executable, os.path.abspath(__file__), "--attention-child", variant, str(tokens), str(heads), str(dim)]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    threads = str(torch.get_num_threads())
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    env.pop("MFL_QUERY_BLOCK", None)
     if block is not None:
         env["MFL_QUERY_BLOCK"] = str(block)
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-    return int(out.stdout.split()[-1])
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    found = re.search(r"^PEAK_RSS (\d+|none)$", out.stdout, re.MULTILINE)
+    if out.returncode != 0 or found is None:
+        raise RuntimeError(f"the peak-RSS child ({variant}) failed ({out.returncode}):\n{out.stderr[-2000:]}")
+    return None if found.group(1) == "none" else int(found.group(1))
 
 
 def _attention_child(variant: str, tokens: int, heads: int, dim: int) -> None:
@@ -246,10 +252,14 @@ def _attention_child(variant: str, tokens: int, heads: int, dim: int) -> None:
     run = attention_jvp(variant, *_attention_inputs("cpu", tokens, heads, dim))
     run(), run()  # warm-up (and compilation)
     base = status("VmRSS:")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak-RSS mark
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak-RSS mark
+    except OSError:  # a sandbox without writable /proc marks
+        print("PEAK_RSS none")
+        return
     run()
-    print(status("VmHWM:") - base)
+    print(f"PEAK_RSS {status('VmHWM:') - base}")
 
 
 def attention_section(device: str, tokens: int, heads: int, dim: int, rounds: int, compiled: bool = False) -> dict:

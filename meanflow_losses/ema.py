@@ -62,7 +62,7 @@ def _averaged(p: Tensor) -> bool:
     """Whether a tensor is averaged (floating and complex ones) or copied from the model.
 
     Integer and bool tensors (BatchNorm's ``num_batches_tracked``, index tables) are copied: an average of
-    integers truncates towards the old value (at a decay of 0.9999 a counter would never move).
+    integers truncates towards the old value (at a decay of 0.9999 a counter lags the model's by 10^4 updates).
     """
     return p.is_floating_point() or p.is_complex()
 
@@ -111,7 +111,7 @@ def ema_multi_avg_fn(
 
     @torch.no_grad()
     def multi_avg_fn(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor | int) -> None:
-        kept = [i for i, p in enumerate(averaged) if not _averaged(p)]
+        kept = {i for i, p in enumerate(averaged) if not _averaged(p)}
         for i in kept:
             averaged[i].copy_(current[i])  # a counter or an index table: copied (see _averaged)
         if kept:

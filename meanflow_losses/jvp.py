@@ -338,7 +338,7 @@ def _compiled_time_derivative() -> Callable[..., JVPResult]:
     with the weights' zero tangents that PyTorch's traced formulas leave in. Inductor's locality reordering is off
     for this region: it moved every attention block's tangent product ``P_i dV`` after the last block, so all the
     blocks' softmax matrices ``P_i`` stayed alive at once (N = 4096 tokens: 272 MiB against 37.5 MiB without it,
-    the math backend's 644 MiB; no slower on the benchmark networks). Static shapes (``dynamic=False``): the
+    the math backend's 644 MiB; no slower on the benchmark networks on the CPU). Static shapes (``dynamic=False``): the
     number of ``r != t`` rows is fixed per batch size, so a new shape is a new, cached compilation.
     """
     if not _COMPILED:

@@ -97,8 +97,12 @@ def call(
         raise
     except IndexError as err:
         kwargs = _kwargs(cond)
-        labels = [k for k, v in kwargs.items() if isinstance(v, Tensor) and not v.is_floating_point()]
-        if "index out of range" in str(err) and labels:
+        labels = [
+            k
+            for k, v in kwargs.items()
+            if isinstance(v, Tensor) and not (v.is_floating_point() or v.is_complex()) and v.dtype != torch.bool
+        ]
+        if "index out of range in self" in str(err) and labels:  # torch.embedding's message (eager, CPU)
             raise IndexError(
                 f"{who}(z, r, t, **model_kwargs) failed: {err}. model_kwargs has integer entries ({labels}): if "
                 "they are class labels and condition dropout or guidance replaces them by the null class "

@@ -40,9 +40,22 @@ def test_tangent_rules_benchmark_runs_tiny(tmp_path):
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS marks")
 def test_compiled_attention_jvp_keeps_one_query_block_alive():
     """The compiled JVP region computes attention per query block; with inductor's locality reordering the
-    blocks' tangent products ran after the last block, so every block's softmax matrix stayed alive (0.42x the
-    math backend's memory at 1024 tokens in 16 blocks); the engine turns that reordering off (0.05x)."""
+    blocks' tangent products ran after the last block, so every block's softmax matrix stayed alive (at 1024
+    tokens in 16 blocks of 64: 0.36x the math backend's peak; at 4096 tokens in blocks of 256: 0.42x); the engine
+    turns that reordering off (0.05x and 0.058x)."""
     compiled = harness.peak_rss_bytes("compiled", 1024, 2, 64, block=64)
     math = harness.peak_rss_bytes("math", 1024, 2, 64)
-    assert compiled is not None and math is not None
+    if compiled is None or math is None:
+        pytest.skip("the peak-RSS mark cannot be reset here (/proc/self/clear_refs not writable)")
     assert compiled < math / 8, (compiled / 2**20, math / 2**20)
+
+
+@pytest.mark.slow
+def test_harness_attention_section_with_the_compiled_row_tiny(monkeypatch):
+    """The compiled attention row end to end (its error against math), printed also where no peak-RSS mark
+    exists (``None``)."""
+    monkeypatch.setattr(harness, "peak_rss_bytes", lambda *a, **k: None)
+    res = harness.main(["--tiny", "--attention", "--compile", "net", "--networks", "mlp", "--methods", "fm"])
+    row = res["attention"]["compiled"]
+    assert row["rel_err"] < 1e-5 and row["peak_bytes"] is None and row["mem_x_math"] is None
+    assert row["peak_how"] == "rss"

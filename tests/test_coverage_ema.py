@@ -39,8 +39,8 @@ def test_multi_avg_fn_copies_integer_tensors_without_warmup():
 @pytest.mark.parametrize("multi", [True, False], ids=["multi_avg_fn", "avg_fn"])
 def test_averaged_batchnorm_keeps_the_model_batch_count(multi):
     """``AveragedModel(use_buffers=True)`` at alpha-Flow's half-life: an average of the integer counter
-    ``num_batches_tracked`` truncated to its old value (0 for ever at beta = 0.9999); it is copied, and the running
-    statistics are averaged."""
+    ``num_batches_tracked`` truncated towards its old value (at beta = 0.9999 it stayed at the first update's 1
+    until the model was 10^4 batches ahead); it is copied, and the running statistics are averaged."""
     from torch.optim.swa_utils import AveragedModel
 
     torch.manual_seed(0)

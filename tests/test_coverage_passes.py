@@ -64,17 +64,24 @@ def test_a_missing_null_class_row_is_named_with_its_fix():
     torch.manual_seed(0)
     guidance = mfl.TrainingGuidance(drop_prob=0.9, null_condition=mfl.null_class(3))
     loss_fn = mfl.MeanFlowLoss(guidance=guidance)
-    with pytest.raises(
-        IndexError, match=r"in self\. model_kwargs has integer entries \(\['y'\]\).*nn\.Embedding\(n \+ 1, dim\)"
-    ):
+    message = (
+        r"^target_model\(z, r, t, \*\*model_kwargs\) failed: index out of range in self\. "
+        r"model_kwargs has integer entries \(\['y'\]\).*nn\.Embedding\(n \+ 1, dim\)"
+    )
+    with pytest.raises(IndexError, match=message):
         loss_fn(_Labelled(), torch.randn(64, 2), model_kwargs={"y": torch.arange(64) % 3})
 
-    # without integer conditioning the error is the network's own
-    def model(z, r, t):
-        raise IndexError("index out of range in self")
+    # without integer conditioning (a bool mask is not a label), or with another IndexError, the error is the
+    # network's own
+    def model(z, r, t, **kw):
+        raise IndexError(kw.get("why", "index out of range in self"))
 
     with pytest.raises(IndexError, match=r"^index out of range in self$"):
         call(model, *_zr())
+    with pytest.raises(IndexError, match=r"^index out of range in self$"):
+        call(model, *_zr(), {"mask": torch.ones(3, dtype=torch.bool)})
+    with pytest.raises(IndexError, match=r"^list index out of range$"):
+        call(model, *_zr(), {"y": torch.arange(3), "why": "list index out of range"})
 
 
 def test_modules_of_finds_modules_behind_partials_bound_methods_and_closures():
