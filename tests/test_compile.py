@@ -149,6 +149,40 @@ def test_inductor_compiled_step_matches_eager():
 
 
 @pytest.mark.slow
+def test_dynamic_shapes_compiled_step_with_the_pass_equals_eager():
+    """``torch.compile(dynamic=True)`` of a whole MeanFlow step with the docs' pass (its shape and stride checks on
+    symbolic sizes): loss and gradients equal to eager on two batch sizes. It still compiles once per batch size
+    (the interval-row count is a Python integer of the batch size, which the compiler specialises on), as
+    docs/performance.md says, so the test does not ask for one graph."""
+    torch.manual_seed(0)
+    base = MLP(n_classes=3)
+    m_c, m_e = copy.deepcopy(base), copy.deepcopy(base)
+    loss_fn = mfl.MeanFlowLoss()
+    options = {"post_grad_custom_pre_pass": traced_jvp.DropZeroProducts()}
+
+    def run(model, x, y, e, t, r):
+        out = loss_fn(model, x, model_kwargs={"y": y}, t=t, r=r, noise=e, step=1)
+        out.loss.backward()
+        return out.loss.detach()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(run, dynamic=True, options=options)
+    g = torch.Generator().manual_seed(0)
+    for n in (16, 24):
+        x, e = torch.randn(n, 2, generator=g), torch.randn(n, 2, generator=g)
+        y = torch.randint(0, 3, (n,), generator=g)
+        pair = mfl.TimePairSampler().sample(n, generator=g)
+        got = compiled(m_c, x, y, e, pair.t, pair.r)
+        ref = run(m_e, x, y, e, pair.t, pair.r)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+        g_c = torch.cat([p.grad.flatten() for p in m_c.parameters()])
+        g_e = torch.cat([p.grad.flatten() for p in m_e.parameters()])
+        assert float((g_c - g_e).norm() / g_e.norm()) < 1e-5
+        for p in [*m_c.parameters(), *m_e.parameters()]:
+            p.grad = None
+
+
+@pytest.mark.slow
 def test_compiled_network_dudt_equals_eager_through_conv_norm_and_attention():
     """``torch.compile(net)`` in an eager loss: the engine compiles the JVP region too (no eager fallback)."""
     torch.manual_seed(0)
