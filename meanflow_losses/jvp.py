@@ -243,7 +243,7 @@ def time_derivative(
             return JVPResult(dudt=dudt, u=None)
         who = "target_model" if strategy == "nograd" else "model"
         if compiling():  # traced: torch.func.jvp under no_grad (a "joint" primal is recomputed by the objective)
-            counting = _counting_batch_norms(model)
+            counting = layers_where(model, _counts_batches)
             if counting:
                 raise RuntimeError(
                     f"the network has BatchNorm layers in train mode ({', '.join(counting[:3])}) inside a compiled "
@@ -296,11 +296,6 @@ def _counts_batches(m: nn.Module) -> bool:
         and m.track_running_stats
         and m.num_batches_tracked is not None
     )
-
-
-def _counting_batch_norms(model: Any) -> list[str]:
-    """Names of the layers of ``model`` (or of the modules it wraps) that :func:`_counts_batches`."""
-    return layers_where(model, _counts_batches)
 
 
 @contextlib.contextmanager

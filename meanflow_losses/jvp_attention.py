@@ -106,6 +106,31 @@ def _mask_rows(mask: Tensor | None, start: int, stop: int, rows: int) -> Tensor 
     return mask[..., start:stop, :]
 
 
+def _block_probabilities(s: Tensor, mask: Tensor | None, start: int, is_causal: bool) -> Tensor:
+    r"""Attention weights :math:`P = \mathrm{softmax}(S + M)` of the query rows ``start : start + L_b``.
+
+    Args:
+        s: Scaled scores :math:`\mathrm{scale}\,Q_b K^\top`, shape ``(..., L_b, S)``.
+        mask: The rows' attention mask (boolean: ``True`` attends; additive: added, cast to ``s``'s dtype),
+            broadcastable to ``s``, or ``None``.
+        start: Index of the block's first query row (for ``is_causal``).
+        is_causal: Top-left aligned causal mask, as PyTorch's: key ``j`` is visible from query ``i`` if ``j <= i``.
+
+    Returns:
+        ``P``, shape ``(..., L_b, S)``; a row whose keys are all masked is 0, as PyTorch's kernels give.
+    """
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(s.dtype)
+    if is_causal:
+        rows = torch.arange(start, start + s.shape[-2], device=s.device)
+        cols = torch.arange(s.shape[-1], device=s.device)
+        s = s.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    if mask is not None or is_causal:  # a row with every key masked attends to nothing
+        p = p.masked_fill((s == float("-inf")).all(dim=-1, keepdim=True), 0.0)
+    return p
+
+
 def attention_jvp_blockwise(
     q: Tensor,
     k: Tensor,
@@ -185,7 +210,7 @@ def _blockwise(
     block: int,
 ) -> tuple[Tensor, Tensor]:
     """``(primal, tangent)``; the primal blocks are computed (``P V``) when ``out`` is ``None``."""
-    L, S = q.shape[-2], k.shape[-2]
+    L = q.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if enable_gqa:
         heads = q.shape[-3]
@@ -199,21 +224,10 @@ def _blockwise(
     v_c = v.to(cdtype).contiguous()
     dv_c = dv.to(cdtype).contiguous() if dv is not None else None
     pieces, primal = [], []
-    cols = torch.arange(S, device=q.device)
     for start in range(0, L, block):
         stop = min(start + block, L)
         qb = q[..., start:stop, :]
-        s = (qb @ k_t) * scale
-        mask = _mask_rows(attn_mask, start, stop, L)
-        if mask is not None:
-            s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(cdtype)
-        if is_causal:
-            rows = torch.arange(start, stop, device=q.device)
-            s = s.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
-        p = torch.softmax(s, dim=-1)
-        if mask is not None or is_causal:  # a row with every key masked attends to nothing: 0, as PyTorch gives
-            p = p.masked_fill((s == float("-inf")).all(dim=-1, keepdim=True), 0.0)
-        del s
+        p = _block_probabilities((qb @ k_t) * scale, _mask_rows(attn_mask, start, stop, L), start, is_causal)
         ds = None  # scale (dq K^T + Q dK^T), one scaling
         if dq is not None:
             ds = dq[..., start:stop, :] @ k_t

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from meanflow_losses._dtypes import upcast
-from meanflow_losses.jvp_attention import DEFAULT_BLOCK
+from meanflow_losses.jvp_attention import DEFAULT_BLOCK, _block_probabilities, _expand_gqa, _mask_rows
 from meanflow_losses.tangent_rules import _bind, _channel
 
 __all__ = ["QUERY_BLOCK", "TRACED_ROUTES", "DropZeroProducts"]
@@ -109,41 +109,20 @@ def _instance_norm(func: Callable[..., Tensor], args: tuple[Any, ...], kwargs: d
     return _statistics_norm(x, mean, var, w, b, bool(input_stats), tuple(range(2, x.ndim)), eps)
 
 
-def _attention_block(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, start: int, is_causal: bool,
-                     scale: float) -> Tensor:  # fmt: skip
-    """Attention of the query rows ``start : start + len(q)`` (``mask`` already sliced to them)."""
-    s = (q @ k.transpose(-2, -1)) * scale
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
-    if is_causal:  # top-left aligned, as PyTorch's is_causal: key j is visible from query i if j <= i
-        rows = torch.arange(start, start + q.shape[-2], device=q.device)
-        cols = torch.arange(k.shape[-2], device=q.device)
-        s = s.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
-    p = torch.softmax(s, dim=-1)
-    if mask is not None or is_causal:  # a row with every key masked attends to nothing: 0, as PyTorch gives
-        p = p.masked_fill((s == float("-inf")).all(dim=-1, keepdim=True), 0.0)
-    return p @ v
-
-
 def _attention_primal(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, scale: float | None, enable_gqa: bool,
     block: int,
 ) -> Tensor:  # fmt: skip
     """SDPA in primitive operations, per block of query rows (the fused kernels have no forward-mode formula)."""
-    if enable_gqa and q.ndim >= 3 and k.shape[-3] != q.shape[-3]:
-        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
-        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+    if enable_gqa and q.ndim >= 3:
+        k, v = _expand_gqa(k, q.shape[-3]), _expand_gqa(v, q.shape[-3])
     sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    n = q.shape[-2]
-    if n <= block:
-        return _attention_block(q, k, v, mask, 0, is_causal, sc)
+    n, k_t = q.shape[-2], k.transpose(-2, -1)
     outs = []
     for i in range(0, n, block):
-        m = mask
-        if m is not None and m.ndim >= 2 and m.shape[-2] == n:
-            m = m[..., i : i + block, :]
-        outs.append(_attention_block(q[..., i : i + block, :], k, v, m, i, is_causal, sc))
-    return torch.cat(outs, dim=-2)
+        s = (q[..., i : i + block, :] @ k_t) * sc
+        outs.append(_block_probabilities(s, _mask_rows(mask, i, i + block, n), i, is_causal) @ v)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
 
 
 def _attention(func: Callable[..., Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
